@@ -1,0 +1,1 @@
+"""edgekit: safe early-exit VLMs for the edge."""

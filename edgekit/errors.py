@@ -1,0 +1,13 @@
+"""The two ways edgekit stops on purpose: a user mistake (exit 2) and a failed safety gate (exit 3)."""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line on stderr, exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+class GateFailure(Exception):
+    """A safety gate did not pass: names the metric, its value and the threshold; exit code 3."""
+
+    exit_code = 3

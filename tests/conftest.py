@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints of each family, built once per test session in the real on-disk layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekit.tiny import TINY_FAMILIES, make_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: str(make_tiny_checkpoint(family, root / family)) for family in TINY_FAMILIES}
+
+
+def sample_image(seed: int = 0, size: tuple[int, int] = (40, 60)) -> Image.Image:
+    """A non-square RGB image, so resizing, cropping and anyres tiling are all exercised."""
+    pixels = np.random.RandomState(seed).rand(*size, 3) * 255
+    return Image.fromarray(pixels.astype("uint8"))
+
+
+def processor_inputs(processor, text: str = "what colour is the shape in this picture", seed: int = 0) -> dict:
+    """Processor-built inputs for one image and one chat-templated user turn, as a real caller would build them."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=sample_image(seed), text=prompt, return_tensors="pt"))

@@ -1,0 +1,101 @@
+"""`edgekit inspect` and `edgekit truncate`: what they print, and one clear line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForImageTextToText
+
+from edgekit.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgekit: error:"), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def unsupported_model(tmp_path) -> Path:
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "k, fragments",
+    [("0", ["exit layer 0", "1..24"]), ("25", ["exit layer 25", "1..24"]), ("twelve", ["integer", "'twelve'"]),
+     ("3.5", ["integer", "'3.5'"])],
+)  # fmt: skip
+def test_bad_exit_layer(capsys, tiny_checkpoints, tmp_path, k, fragments):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", k, "-o", str(out))
+    _assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_bad_model_paths(capsys, tmp_path, unsupported_model):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "truncate", str(tmp_path / "missing"), "--exit-layer", "3", "-o", str(out))
+    _assert_one_line_error(code, err, "no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(capsys, "truncate", str(empty), "--exit-layer", "3", "-o", str(out))
+    _assert_one_line_error(code, err, "no config.json")
+    code, _, err = _run(capsys, "inspect", str(unsupported_model))
+    _assert_one_line_error(code, err, "'bert'", "LLaVA-1.5", "LLaVA-NeXT", "Llama 3.2 Vision")
+    (unsupported_model / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    code, _, err = _run(capsys, "truncate", str(unsupported_model), "--exit-layer", "3", "-o", str(out))
+    _assert_one_line_error(code, err, "'not_a_model'", "supported families")
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", "3", "-o", str(out))
+    _assert_one_line_error(code, err, "not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, stdout, _ = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", "3", "-o", str(out),
+                           "--overwrite")  # fmt: skip
+    assert code == 0 and "cut to 3 of 24" in stdout
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "mllama"])
+def test_inspect_shows_the_saving(capsys, tiny_checkpoints, tmp_path, family):
+    code, stdout, _ = _run(capsys, "inspect", tiny_checkpoints[family], "--exit-layer", "5", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family])
+    assert report["parts"][-1]["params"] == sum(p.numel() for p in model.parameters())
+    code, _, _ = _run(capsys, "truncate", tiny_checkpoints[family], "--exit-layer", "5", "-o", str(tmp_path / "cut"))
+    cut = AutoModelForImageTextToText.from_pretrained(tmp_path / "cut")
+    assert report["saved_params"] == report["parts"][-1]["params"] - sum(p.numel() for p in cut.parameters()) > 0
+    code, text, _ = _run(capsys, "inspect", tiny_checkpoints[family], "--exit-layer", "5")
+    assert f"{report['saved_params']:,} params" in text
+
+
+def test_console_script_exit_code(tiny_checkpoints, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "edgekit.cli", "truncate", tiny_checkpoints["llava"], "--exit-layer", "99", "-o",
+         str(tmp_path / "out")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "edgekit: error: exit layer 99 is outside 1..24 (the vision tower has 24 layers)"
