@@ -1,0 +1,1 @@
+"""Target profiles (memory budget, formats, quantization, gate thresholds) and device runners."""

@@ -1,0 +1,1 @@
+"""Safety: the built-in suite, judges, metrics, the ICET scan and the gate."""
