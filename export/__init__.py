@@ -1,0 +1,1 @@
+"""Artifact writers: ONNX graphs, GGUF files, quantization and the manifest."""
