@@ -1,0 +1,433 @@
+"""ONNX export in the three-file layout of transformers.js / onnx-community, for a vision tower exiting at block k.
+
+    vision_encoder.onnx         image inputs -> `image_features` (what the language model consumes)
+    embed_tokens.onnx           input_ids -> inputs_embeds
+    decoder_model_merged.onnx   inputs_embeds, attention_mask, position_ids, past_key_values.N.{key,value}
+                                -> logits, present.N.{key,value}  (prefill: past length 0; decode: one token)
+    edgekit_onnx.json           every input/output with shape and dtype, the exit layer, image preprocessing,
+                                chat template, special token ids, and what the host must do between the graphs
+
+Per family (all differences are read from the family table and the config):
+- LLaVA-1.5: the vision graph is the k-block CLIP tower, CLS dropped, projector applied: [images, tokens, d_text].
+  The host scatters the features into the embeddings at the image-token positions.
+- LLaVA-NeXT: the vision graph takes the stacked anyres tiles of all images [tiles, 3, H, W] and returns per-tile
+  features [tiles, tokens, d_text]. Unpadding and packing with `image_newline` depend on each image's size (data-
+  dependent shapes), so they stay on the host (`edgekit.runtime_onnx`, numpy); `image_newline.npy` ships beside the
+  graphs.
+- Llama 3.2 Vision: the vision graph returns the cross-attention states [images*tiles, patches, d_text]. The decoder
+  takes `cross_attention_states` and the processor's `cross_attention_mask` rows for the tokens being processed at
+  EVERY step and recomputes the cross-attention K/V from them (no cross-attention cache): one merged graph with no
+  control flow, at the cost of k/v projections of the vision tokens per decoded token. `past_key_values.N` exist
+  only for the self-attention layers N (their list is in the JSON).
+
+Exporter: the TorchScript exporter (`dynamo=False`). With flat tensors in and out of small wrapper modules it traces
+transformers' code as is and keeps batch / sequence / past length dynamic through `dynamic_axes` (the decoder is
+traced with a past of 2 and runs the prefill with a past of 0). Measured on the tiny LLaVA: vision graph 1.3 s against
+12.5 s with the dynamo exporter, whose decoder export also needs `dynamic_shapes` for every flat past tensor and the
+past + sequence = total relation spelled out. The 4-D additive attention mask is built in the wrapper from
+`attention_mask`, so no mask-building branch of transformers is frozen into the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from edgekit.errors import UserError
+from edgekit.families import Family, attr_path
+from edgekit.runtime_onnx import (  # the folder's format contract lives beside its reader
+    DECODER_FILE,
+    DESCRIPTION_FILE,
+    EMBED_FILE,
+    GRAPH_FILES,
+    NEWLINE_FILE,
+    VISION_FILE,
+    Names,
+)
+from edgekit.surgery import num_exit_layers, set_exit_layer
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    folder: Path
+    files: tuple[str, ...]  # names inside `folder`
+    description: dict[str, Any] = field(repr=False)
+
+
+# --- wrappers: flat tensors in, flat tensors out ------------------------------------------------------------------
+class _LlavaVision(nn.Module):
+    """k-block CLIP tower -> (CLS dropped) -> projector; used for LLaVA-1.5 images and LLaVA-NeXT tiles alike."""
+
+    def __init__(self, model, family: Family):
+        super().__init__()
+        self.tower = attr_path(model, family.tower)
+        self.projector = attr_path(model, family.projector)
+        self.drop_cls = model.config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values):
+        # The tower holds exactly k blocks, so its last hidden state is block k's output = hidden_states[k].
+        hidden = self.tower(pixel_values).last_hidden_state
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        return self.projector(hidden)
+
+
+class _MllamaVision(nn.Module):
+    """Tower (local stack cut at k, global stack kept) -> projector: the cross-attention states."""
+
+    def __init__(self, model, family: Family):
+        super().__init__()
+        self.tower = attr_path(model, family.tower)
+        self.projector = attr_path(model, family.projector)
+
+    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        vision = self.tower(
+            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+        ).last_hidden_state
+        projected = self.projector(vision)
+        return projected.reshape(-1, vision.shape[-2], projected.shape[-1])
+
+
+class _Embed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+def _additive_causal_mask(attention_mask: torch.Tensor, query_len_like: torch.Tensor, dtype) -> torch.Tensor:
+    """[B, 1, S, P+S] additive mask: key j is visible to query i (at position P+i) iff j <= P+i and mask[b, j]."""
+    key_pos = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1  # arange(P+S), traced dynamically
+    past_len = attention_mask.shape[1] - query_len_like.shape[0]
+    query_pos = torch.cumsum(torch.ones_like(query_len_like), 0) - 1 + past_len
+    visible = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
+
+
+class _Decoder(nn.Module):
+    """Language model + LM head over a DynamicCache rebuilt from (and flattened back to) flat past tensors."""
+
+    def __init__(self, model, past_layers: list[int], cross: bool):
+        super().__init__()
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.text_config = model.config.get_text_config(decoder=True)
+        self.past_layers, self.cross = past_layers, cross
+        self.num_layers = self.text_config.num_hidden_layers
+        if cross:
+            self.num_vision_tokens = model.model.vision_model.num_patches
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
+        if self.cross:
+            cross_states, cross_mask, *flat_past = rest
+        else:
+            flat_past = list(rest)
+        pairs: list[tuple[Any, Any]] = [(None, None)] * self.num_layers
+        for i, layer in enumerate(self.past_layers):
+            pairs[layer] = (flat_past[2 * i], flat_past[2 * i + 1])
+        cache = DynamicCache(pairs, config=self.text_config)
+        mask = _additive_causal_mask(attention_mask, inputs_embeds[0, :, 0], inputs_embeds.dtype)
+        extra = {}
+        if self.cross:
+            from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+            prepared, full_row = _prepare_cross_attention_mask(cross_mask, self.num_vision_tokens, inputs_embeds.dtype)
+            extra = {
+                "cross_attention_states": cross_states, "cross_attention_mask": prepared,
+                "full_text_row_masked_out_mask": full_row,
+            }  # fmt: skip
+        out = self.lm(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+            use_cache=True, **extra,
+        )  # fmt: skip
+        logits = self.lm_head(out.last_hidden_state)
+        presents = []
+        for layer in self.past_layers:
+            presents += [cache.layers[layer].keys, cache.layers[layer].values]
+        return (logits, *presents)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, opset: int):
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic and the exporter's deprecation notice
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )  # fmt: skip
+
+
+def _past_layers(model) -> list[int]:
+    text = model.config.get_text_config(decoder=True)
+    cross = set(getattr(text, "cross_attention_layers", None) or [])
+    return [i for i in range(text.num_hidden_layers) if i not in cross]
+
+
+def _is_cross(model) -> bool:
+    """The image reaches the language model through cross-attention layers (Llama 3.2 Vision), not as tokens."""
+    return bool(getattr(model.config.get_text_config(decoder=True), "cross_attention_layers", None))
+
+
+def _is_anyres(model) -> bool:
+    """Images come as a base tile plus a grid of tiles packed with newline tokens (LLaVA-NeXT)."""
+    return isinstance(getattr(model.config, "image_grid_pinpoints", None), list)
+
+
+def _export_vision(model, family: Family, inputs: dict, path: Path, opset: int) -> None:
+    n = Names
+    if _is_cross(model):
+        names = [n.PIXEL_VALUES, n.ASPECT_RATIO_IDS, n.ASPECT_RATIO_MASK]
+        args = (inputs[n.PIXEL_VALUES].float(), inputs[n.ASPECT_RATIO_IDS], inputs[n.ASPECT_RATIO_MASK])
+        axes = {
+            n.PIXEL_VALUES: {0: "batch_size", 1: "num_images"}, n.ASPECT_RATIO_IDS: {0: "batch_size", 1: "num_images"},
+            n.ASPECT_RATIO_MASK: {0: "batch_size", 1: "num_images"}, n.IMAGE_FEATURES: {0: "num_images_x_tiles"},
+        }  # fmt: skip
+        _export(_MllamaVision(model, family), args, path, names, [n.IMAGE_FEATURES], axes, opset)
+    else:
+        pixels = inputs[n.PIXEL_VALUES].float()
+        if pixels.dim() == 5:  # LLaVA-NeXT [images, tiles, C, H, W]: the graph takes the stacked tiles
+            pixels = pixels.flatten(0, 1)
+        axes = {n.PIXEL_VALUES: {0: "num_tiles"}, n.IMAGE_FEATURES: {0: "num_tiles"}}
+        _export(_LlavaVision(model, family), (pixels,), path, [n.PIXEL_VALUES], [n.IMAGE_FEATURES], axes, opset)
+
+
+def _export_embed(model, path: Path, opset: int) -> None:
+    n = Names
+    ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
+    dims = {0: "batch_size", 1: "sequence_length"}
+    axes = {n.INPUT_IDS: dims, n.INPUTS_EMBEDS: dims}
+    _export(_Embed(model), (ids,), path, [n.INPUT_IDS], [n.INPUTS_EMBEDS], axes, opset)
+
+
+def _export_decoder(model, cross_states: torch.Tensor | None, path: Path, opset: int) -> None:
+    n = Names
+    text = model.config.get_text_config(decoder=True)
+    kv_heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    batch, seq, past = 1, 3, 2  # traced with a non-empty past; prefill runs with past length 0
+    embeds = torch.randn(batch, seq, text.hidden_size)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq)[None]
+    layers = _past_layers(model)
+    flat_past, past_names, present_names = [], [], []
+    for layer in layers:
+        for kind in ("key", "value"):
+            flat_past.append(torch.randn(batch, kv_heads, past, head_dim))
+            past_names.append(n.past(layer, kind))
+            present_names.append(n.present(layer, kind))
+    axes: dict[str, dict[int, str]] = {
+        n.INPUTS_EMBEDS: {0: "batch_size", 1: "sequence_length"},
+        n.ATTENTION_MASK: {0: "batch_size", 1: "total_sequence_length"},
+        n.POSITION_IDS: {0: "batch_size", 1: "sequence_length"},
+        n.LOGITS: {0: "batch_size", 1: "sequence_length"},
+    }
+    axes |= {name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names}
+    axes |= {name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names}
+    args: list[torch.Tensor] = [embeds, mask, positions]
+    names = [n.INPUTS_EMBEDS, n.ATTENTION_MASK, n.POSITION_IDS]
+    cross = _is_cross(model)
+    if cross:
+        assert cross_states is not None
+        n_images = cross_states.shape[0] // model.config.vision_config.max_num_tiles
+        cross_mask = torch.ones(batch, seq, n_images, model.config.vision_config.max_num_tiles, dtype=torch.long)
+        args += [cross_states.detach(), cross_mask]
+        names += [n.CROSS_ATTENTION_STATES, n.CROSS_ATTENTION_MASK]
+        axes[n.CROSS_ATTENTION_STATES] = {0: "num_images_x_tiles"}
+        axes[n.CROSS_ATTENTION_MASK] = {0: "batch_size", 1: "sequence_length", 2: "num_images"}
+    _export(
+        _Decoder(model, layers, cross), tuple(args + flat_past), path, names + past_names,
+        [n.LOGITS, *present_names], axes, opset,
+    )  # fmt: skip
+
+
+# --- description -------------------------------------------------------------------------------------------------
+def graph_io(path: Path) -> dict[str, list[dict]]:
+    """Inputs and outputs of an ONNX graph: name, dtype and shape (symbolic dims as names)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": spec(graph.input), "outputs": spec(graph.output)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _preprocessing(processor, model) -> dict[str, Any]:
+    ip = processor.image_processor
+    keys = (
+        "size", "crop_size", "image_mean", "image_std", "rescale_factor", "do_resize", "do_center_crop", "do_rescale",
+        "do_normalize", "do_convert_rgb", "do_pad", "resample", "image_grid_pinpoints", "max_image_tiles",
+    )  # fmt: skip
+    out = {"processor_class": type(processor).__name__, "image_processor_class": type(ip).__name__}
+    out |= {k: _jsonable(getattr(ip, k)) for k in keys if getattr(ip, k, None) is not None}
+    vision = model.config.vision_config
+    out |= {"vision_image_size": vision.image_size, "vision_patch_size": vision.patch_size}
+    return out
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.get_text_config(decoder=True).eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
+def _host_side(model) -> dict[str, Any]:
+    if _is_cross(model):
+        return {
+            "kind": "cross_attention",
+            "steps": [
+                "vision_encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> image_features = "
+                "cross_attention_states [images*tiles, patches, d_text]",
+                "embed_tokens(input_ids) -> inputs_embeds (image tokens stay ordinary embeddings)",
+                "decoder: feed cross_attention_states and the processor's cross_attention_mask rows for the tokens "
+                "being processed at every step; a decoded token repeats the last row",
+            ],
+            "cross_attention_cache": "none: the decoder recomputes cross-attention K/V from cross_attention_states "
+            "each step",
+        }  # fmt: skip
+    steps = ["vision_encoder(pixel_values) -> image_features [n, tokens, d_text]"]
+    if _is_anyres(model):
+        steps = [
+            "select each image's tiles: pixel_values[i, :num_tiles(image_sizes[i])], num_tiles = 1 + grid cells "
+            "of the best pinpoint resolution (select_best_resolution)",
+            "vision_encoder(stacked tiles) -> per-tile features [tiles, tokens, d_text]",
+            "per image: base tile features, then the grid tiles arranged as [d, rows*h, cols*w], unpadded to the "
+            "image's aspect ratio, a column of image_newline appended to every row, flattened row-major "
+            "(transformers LlavaNextModel.pack_image_features); image_newline is in image_newline.npy",
+        ]
+    return {
+        "kind": "merge_image_tokens",
+        "steps": steps + [
+            "embed_tokens(input_ids) -> inputs_embeds; the rows at input_ids == image_token_id are replaced, in "
+            "order, by the (packed) image features",
+        ],
+    }  # fmt: skip
+
+
+def _describe(model, processor, family: Family, exit_layer: int, folder: Path, opset: int) -> dict[str, Any]:
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    tokenizer = processor.tokenizer
+    desc: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "model_type": model.config.model_type,
+        "exit_layer": exit_layer,
+        "num_exit_layers": num_exit_layers(model),
+        "exit_layer_convention": "1-based vision block k = HF hidden_states[k]",
+        "exporter": f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}",
+        "opset": opset,
+        "graphs": {name: graph_io(folder / name) for name in GRAPH_FILES if (folder / name).is_file()},
+        "decoder": {
+            "past_layers": _past_layers(model),
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": head_dim,
+            "hidden_size": text.hidden_size,
+            "vocab_size": text.vocab_size,
+            "past_layout": "[batch, num_key_value_heads, past_sequence_length, head_dim]; prefill with length 0",
+            "position_ids": "cumsum(attention_mask) - 1 for the tokens being processed",
+        },
+        "host_side": _host_side(model),
+        "preprocessing": _preprocessing(processor, model),
+        "vision_feature_select_strategy": getattr(model.config, "vision_feature_select_strategy", None),
+        "chat_template": processor.chat_template,
+        "image_token": getattr(processor, "image_token", None),
+        "image_token_id": int(model.config.image_token_id),
+        "eos_token_ids": _eos_ids(model),
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if _is_anyres(model):
+        desc["anyres"] = {
+            "image_grid_pinpoints": model.config.image_grid_pinpoints,
+            "tile_size": model.config.vision_config.image_size,
+            "tokens_per_side": model.config.vision_config.image_size // model.config.vision_config.patch_size,
+            "image_newline_file": NEWLINE_FILE,
+        }
+    if _is_cross(model):
+        desc["cross_attention"] = {
+            "cross_attention_layers": list(text.cross_attention_layers),
+            "max_num_tiles": model.config.vision_config.max_num_tiles,
+            "num_vision_tokens_per_tile": model.model.vision_model.num_patches,
+            "cross_attention_mask": "processor output [batch, seq, num_images, max_num_tiles] (int64), rows for "
+            "the tokens being processed",
+        }
+    return desc
+
+
+def export_onnx(model, processor, family: Family, exit_layer: int, out_dir, opset: int = 17, sample_inputs=None,
+                parts=GRAPH_FILES) -> OnnxExport:  # fmt: skip
+    """Cut the model's vision tower at `exit_layer` (in memory with `set_exit_layer`; the model stays cut) and write
+    the graphs plus `edgekit_onnx.json` into `out_dir`. `sample_inputs` are processor outputs to trace the vision
+    graph with (a blank image through `processor` when omitted). `parts` limits which graphs are (re)written, e.g.
+    only the vision graph for a scan over exit layers; the JSON describes every graph in the folder."""
+    if model.config.model_type not in family.model_types:
+        raise UserError(f"model_type {model.config.model_type!r} is not {family.name} ({'/'.join(family.model_types)})")
+    unknown = set(parts) - set(GRAPH_FILES)
+    if unknown:
+        raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {', '.join(GRAPH_FILES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_exit_layer(model, exit_layer)
+    model.eval()
+    inputs = dict(sample_inputs) if sample_inputs is not None else _blank_inputs(processor)
+    cross_states = None
+    if _is_cross(model):
+        with torch.no_grad():
+            cross_states = _MllamaVision(model, family)(
+                inputs[Names.PIXEL_VALUES].float(), inputs[Names.ASPECT_RATIO_IDS], inputs[Names.ASPECT_RATIO_MASK]
+            )
+    if VISION_FILE in parts:
+        _export_vision(model, family, inputs, out / VISION_FILE, opset)
+    if EMBED_FILE in parts:
+        _export_embed(model, out / EMBED_FILE, opset)
+    if DECODER_FILE in parts:
+        _export_decoder(model, cross_states, out / DECODER_FILE, opset)
+    files = [name for name in GRAPH_FILES if (out / name).is_file()]
+    if _is_anyres(model):
+        np.save(out / NEWLINE_FILE, model.model.image_newline.detach().float().numpy())
+        files.append(NEWLINE_FILE)
+    desc = _describe(model, processor, family, exit_layer, out, opset)
+    (out / DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2))
+    files.append(DESCRIPTION_FILE)
+    return OnnxExport(out, tuple(files), desc)
+
+
+def _blank_inputs(processor) -> dict:
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (127, 127, 127))
+    token = getattr(processor, "image_token", None) or "<image>"
+    return dict(processor(images=image, text=f"{token} describe", return_tensors="pt"))
