@@ -96,6 +96,12 @@ class Family:
         embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
         return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
 
+    def generate(self, model, lm_inputs: dict, **kwargs) -> torch.Tensor:
+        """model.generate over `lm_inputs`; returns the new tokens only."""
+        generated = model.generate(**lm_inputs, **kwargs)
+        # generate() returns only new tokens when fed inputs_embeds, prompt + new tokens when fed input_ids
+        return generated[:, lm_inputs["input_ids"].shape[1] :] if "input_ids" in lm_inputs else generated
+
 
 @dataclass(frozen=True)
 class LlavaNextFamily(Family):
@@ -193,6 +199,23 @@ class MllamaFamily(Family):
             "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
             "cross_attention_mask": inputs["cross_attention_mask"], "cross_attention_states": features,
         }  # fmt: skip
+
+    def generate(self, model, lm_inputs: dict, **kwargs) -> torch.Tensor:
+        # The cross-attention layers cache K/V of the image at prefill and would append a second copy if given the
+        # states again, so pass them to the first step only (as generate() does with pixel_values).
+        prepare = model.prepare_inputs_for_generation
+
+        def prefill_only(*args, **kwargs):  # named **kwargs: generate() validates arguments against it
+            step_inputs = prepare(*args, **kwargs)
+            if not kwargs.get("is_first_iteration", False):
+                step_inputs["cross_attention_states"] = None
+            return step_inputs
+
+        model.prepare_inputs_for_generation = prefill_only
+        try:
+            return super().generate(model, lm_inputs, **kwargs)
+        finally:
+            del model.prepare_inputs_for_generation  # back to the class method
 
 
 FAMILIES: tuple[Family, ...] = (

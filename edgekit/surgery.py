@@ -40,9 +40,10 @@ def check_exit_layer(k: Any, num_layers: int) -> int:
 
 def _uncut(model, family: Family) -> _Uncut:
     if not hasattr(model, _UNCUT):
-        # transformers captures hidden states through hooks it installs lazily on the blocks present at the first
-        # forward; install them now, while every block is in the tower, so a later, longer exit still reports them.
-        maybe_install_capturing_hooks(model)
+        # transformers captures hidden states through hooks it installs lazily, on the tower's first forward, on
+        # the blocks present then; install them now, while every block is in the tower, so a later, longer exit
+        # still reports them. On the tower itself: hooks installed from the parent model would capture twice.
+        maybe_install_capturing_hooks(attr_path(model, family.tower))
         state = _Uncut(tuple(family.stack(model).layers), copy.deepcopy(model.config))
         object.__setattr__(model, _UNCUT, state)
     return getattr(model, _UNCUT)

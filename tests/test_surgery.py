@@ -116,3 +116,16 @@ def test_features_per_layer_match_the_exited_model(family, tiny_checkpoints):
         set_exit_layer(model, k)
         diff = (_logits(model, fam.lm_inputs(model, inputs, features[k])) - _logits(model, inputs)).abs().max()
         assert diff <= 1e-5, f"{family} k={k}: {diff}"
+
+
+def test_exit_after_a_full_tower_forward_reports_k_hidden_states(tiny_checkpoints):
+    """Regression: hidden-state hooks installed by a forward of the uncut tower must not be installed twice."""
+    loaded = load(tiny_checkpoints["llava"], dtype="float32")
+    inputs = processor_inputs(loaded.processor)
+    tower = loaded.model.model.vision_tower
+    with torch.no_grad():
+        assert len(tower(inputs["pixel_values"], output_hidden_states=True).hidden_states) == 25
+        set_exit_layer(loaded.model, 4)
+        assert len(tower(inputs["pixel_values"], output_hidden_states=True).hidden_states) == 5
+        set_exit_layer(loaded.model, 24)
+        assert len(tower(inputs["pixel_values"], output_hidden_states=True).hidden_states) == 25
