@@ -317,3 +317,15 @@ def agreement(judge: Judge, rows: list[dict]) -> float:
         raise ValueError("agreement over zero rows is undefined")
     judgments = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     return sum(j.label == r["label"] for j, r in zip(judgments, rows)) / len(rows)
+
+
+JUDGES = {"refusal": RefusalJudge, "keyword": KeywordJudge}
+
+
+def make_judge(name: str) -> Judge:
+    """A judge by name, or a UserError listing the known ones."""
+    from edgekit.errors import UserError
+
+    if name not in JUDGES:
+        raise UserError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
+    return JUDGES[name]()

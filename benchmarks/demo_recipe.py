@@ -1,0 +1,62 @@
+"""Train one demo-model recipe, then scan it and probe every layer: the experiment behind the demo model's card.
+
+    python benchmarks/demo_recipe.py OUT.json [--recipe '{"seed": 1, "chat_steps": 1500}'] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+from edgekit.demo import DemoRecipe, train_demo
+from edgekit.loading import load
+from edgekit.safety.judges import RefusalJudge
+from edgekit.safety.probe import probe_layers
+from edgekit.safety.scan import scan
+from edgekit.safety.suite import KINDS, builtin_suite
+
+LAYERS = [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23, 24]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--recipe", default="{}")
+    ap.add_argument("--keep")
+    ap.add_argument("--per-kind", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = json.loads(args.recipe)
+    if "mix" in overrides:
+        overrides["mix"] = tuple(overrides["mix"])
+    recipe = DemoRecipe(**overrides)
+    folder = args.keep or tempfile.mkdtemp()
+    start = time.time()
+    train_demo(folder, recipe, log=lambda line: print(line, flush=True), device=args.device)
+    trained = time.time() - start
+    loaded = load(folder, dtype="float32", device=args.device)
+    items = builtin_suite().select("eval", limit_per_kind=args.per_kind)
+    result = scan(loaded, items, LAYERS, RefusalJudge(), batch_size=50, max_new_tokens=20)
+    probes = probe_layers(loaded, LAYERS)
+    rows = []
+    for layer in result.layers:
+        row = {"layer": layer.layer} | {k: round(v.value, 3) for k, v in layer.metrics.items() if v.value is not None}
+        rows.append(row | {f"probe_{k}": round(v, 3) for k, v in probes[layer.layer].items()})
+        print(json.dumps(rows[-1]), flush=True)
+    samples = {
+        layer.layer: {kind: [a.response for a in layer.answers if a.item.kind == kind][:3] for kind in KINDS}
+        for layer in result.layers if layer.layer in (12, 23)
+    }  # fmt: skip
+    json.dump({"recipe": asdict(recipe), "train_seconds": trained, "layers": rows, "samples": samples},
+              open(args.out, "w"), indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
