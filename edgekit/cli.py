@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from edgekit.errors import GateFailure, UserError
 from edgekit.tiny import TINY_FAMILIES
@@ -79,6 +80,121 @@ def cmd_tiny(args) -> None:
     print(f"wrote a tiny random {args.family} checkpoint to {args.output}")
 
 
+def cmd_targets(args) -> None:
+    from edgekit.devices.profiles import list_profiles
+    from edgekit.export.artifacts import human
+
+    rows = [("target", "kind", "memory budget", "formats", "onnx", "gguf lm", "mmproj", "gates asr/over-refusal/utility")]
+    for p in list_profiles():
+        g = p.gates
+        rows.append((
+            p.name + (" (default)" if p.default else ""), p.kind, human(p.memory_budget_bytes), ",".join(p.formats),
+            "/".join(p.onnx_options).replace(p.onnx_quantization, p.onnx_quantization + "*", 1), p.gguf_quantization,
+            p.mmproj_quantization,
+            f"+{g.max_asr_increase_points:g} / +{g.max_over_refusal_increase_points:g} / -{g.max_utility_drop_points:g}",
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme; "
+          "gates in points versus the original model at its default exit layer")
+
+
+def cmd_export(args) -> None:
+    import logging
+
+    from edgekit.devices.profiles import load_profile
+    from edgekit.export.artifacts import check_output, check_request, export_artifacts, human, parse_formats
+    from edgekit.families import family_for
+    from edgekit.loading import load_config
+
+    # Check everything cheap before reading weights: target, formats, the layer against the config, the output.
+    profile = load_profile(args.target)
+    formats = parse_formats(args.formats) if args.formats else profile.formats
+    config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    family = family_for(config)
+    check_request(family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization)
+    check_output(args.output, args.overwrite)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
+    result = export_artifacts(_load(args), args.exit_layer, profile, args.output, formats, args.overwrite,
+                              onnx_quantization=args.onnx_quantization)  # fmt: skip
+    largest = result.largest_set
+    print(f"wrote {result.folder}: exit layer {result.exit_layer}, target {profile.name}, {len(result.files)} files; "
+          f"largest runtime set {largest.name} {human(largest.bytes)} of {human(profile.memory_budget_bytes)} budget")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'all', '12', '1-24' or '1,4,8-16' as sorted layers, each checked to be in 1..L."""
+    if text == "all":
+        return list(range(1, num_layers + 1))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            layers.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected 'all', a layer, a range A-B or a comma list of them") from None
+    outside = sorted(k for k in layers if not 1 <= k <= num_layers)
+    if outside or not layers:
+        raise UserError(f"--layers {text!r}: layers {outside or text} are outside 1..{num_layers}")
+    return sorted(layers)
+
+
+def _model_or_demo(args) -> str:
+    from edgekit.demo import demo_model_path
+
+    return args.model or str(demo_model_path(log=lambda line: print(line, file=sys.stderr)))
+
+
+def cmd_scan(args) -> None:
+    from tqdm import tqdm
+
+    from edgekit.loading import load_config
+    from edgekit.outputs import atomic_dir, check_output_dir
+    from edgekit.report import write_scan_report
+    from edgekit.safety.judges import make_judge
+    from edgekit.safety.loaders import load_suite
+    from edgekit.safety.scan import scan
+    from edgekit.safety.suite import builtin_suite
+
+    judge = make_judge(args.judge)
+    suite = builtin_suite() if args.suite == "builtin" else load_suite(args.suite, images=args.images)
+    items = suite.select("eval" if args.suite == "builtin" else None, limit_per_kind=args.limit_per_kind)
+    for item in items:
+        if item.image_path and not Path(item.image_path).is_file():
+            raise UserError(f"image not found: {item.image_path}")
+    if args.model:  # check the layers against the config before any weight is read
+        config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
+        from edgekit.families import family_for
+
+        parse_layers(args.layers, family_for(config).num_layers(config))
+    check_output_dir(args.output, args.overwrite)
+    args.model = _model_or_demo(args)
+    loaded = _load(args)
+    layers = parse_layers(args.layers, loaded.family.num_layers(loaded.model.config))
+    with tqdm(total=len(items), desc=f"scan {len(layers)} layers", unit="item", file=sys.stderr) as bar:
+        result = scan(loaded, items, layers, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      progress=bar.update)  # fmt: skip
+    with atomic_dir(args.output, args.overwrite) as tmp:
+        write_scan_report(result, tmp, model=args.model, suite=suite.name, judge=args.judge,
+                          default_layer=loaded.family.default_exit(loaded.model.config))  # fmt: skip
+    print((Path(args.output) / "scan.md").read_text())
+    print(f"wrote {args.output}/scan.json, scan.md, scan.png ({result.vision_forwards} vision-tower forwards for "
+          f"{result.images} images x {len(layers)} layers)")  # fmt: skip
+
+
+def cmd_judge(args) -> None:
+    from edgekit.safety.judges import make_judge
+    from edgekit.safety.loaders import read_pairs
+
+    judge = make_judge(args.judge)
+    prompts, responses = read_pairs(args.file)
+    for verdict in judge.judge(prompts, responses):
+        print(json.dumps({"label": verdict.label, "score": round(float(verdict.score), 4)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="edgekit",
@@ -118,6 +234,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("targets", help="list the target device profiles")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser(
+        "export",
+        help="cut the vision tower at K and write a target's ONNX / GGUF artifacts with a manifest",
+        description="Cut the vision tower after block K, export ONNX graphs (quantized for the target) and GGUF files "
+        "(language model + mmproj for llama.cpp), write manifest.json with sha256 of every file, and check the "
+        "artifacts fit the target's memory budget. The output folder appears whole or not at all.",
+        epilog=EPILOG,
+    )
+    _add_model_args(p)
+    p.set_defaults(dtype="float32")  # graphs are exported in fp32, then quantized for the target
+    p.add_argument("--exit-layer", type=_exit_layer, required=True, metavar="K", help="keep vision blocks 1..K")
+    p.add_argument("--target", required=True, metavar="T", help="profile name, jetson, phone, or a profile .toml")
+    p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf (default: the target's formats)")
+    p.add_argument("--onnx-quantization", metavar="SCHEME", help="one of the target's ONNX options (edgekit targets)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "scan",
+        help="measure ASR, over-refusal and utility at every exit layer (the ICET scan)",
+        description="Answer the safety suite at each exit layer and judge the answers. One vision-tower forward per "
+        "batch of images gives every layer's features; answers are batched greedy generations. Writes scan.json, "
+        "scan.md and scan.png. Without MODEL, the embedded demo model (trained on first use).",
+        epilog=EPILOG,
+    )
+    _add_model_args(p, optional=True)
+    p.add_argument("--layers", default="all", help="'all', '12', '1-24' or '1,4,8-16' (default: all)")
+    p.add_argument("--suite", default="builtin", help="'builtin' (eval split) or a suite file: JSONL {prompt, label, "
+                   "image?}, AdvBench / JailbreakV-28K / XSTest CSV, MM-SafetyBench JSON")  # fmt: skip
+    p.add_argument("--images", help="folder of your own benign images for text-only suites")
+    p.add_argument("--judge", default="refusal", help="refusal (offline, default) or keyword (baseline)")
+    p.add_argument("--limit-per-kind", type=int, help="at most this many items of each kind")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("-o", "--output", default="scan", metavar="DIR", help="output folder (default: ./scan)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser(
+        "judge",
+        help="label prompt/response pairs as refusal or compliance",
+        description="Read a JSONL or CSV with columns prompt and response (or completion); print one JSON line per "
+        'row, in order: {"label": "refusal" | "compliance", "score": float} (score: how likely a refusal).',
+    )
+    p.add_argument("file", help="JSONL or CSV of prompt/response pairs")
+    p.add_argument("--judge", default="refusal", help="refusal (offline, default) or keyword (baseline)")
+    p.set_defaults(func=cmd_judge)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""Target profiles: what a device can hold and run, as TOML data (`devices/profiles/*.toml`) read with tomllib.
+
+A profile names its kind (`jetson` or `phone`), the memory budget the artifacts a device loads must fit in, the ONNX
+opset, the artifact formats, the quantization of each format, and the safety-gate thresholds. `load_profile` takes a
+profile name, a kind (its default profile), or a path to a TOML file of the same shape.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import UserError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+KINDS = ("jetson", "phone")
+FORMATS = ("onnx", "gguf")
+ONNX_QUANTIZATIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq", "int4")  # fp32 = none; the rest: onnx_quantize
+GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q6_k", "q4_k_m", "q4_0")  # f32/f16/q8_0 in Python, the rest llama.cpp
+MMPROJ_QUANTIZATIONS = ("f32", "f16", "q8_0")
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Limits versus the original model at its default exit layer, in percentage points."""
+
+    max_asr_increase_points: float  # attack success rate on harmful prompts
+    max_over_refusal_increase_points: float  # refusals of benign-but-risky-sounding prompts
+    max_utility_drop_points: float  # helpfulness on benign prompts
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    kind: str  # jetson | phone
+    description: str
+    memory_budget_bytes: int  # what the artifacts one runtime loads may take
+    onnx_opset: int
+    formats: tuple[str, ...]
+    onnx_quantization: str  # default ONNX scheme
+    onnx_options: tuple[str, ...]  # schemes this target accepts (the default among them)
+    gguf_quantization: str  # language model
+    mmproj_quantization: str  # vision tower + projector for llama.cpp
+    gates: GateThresholds
+    default: bool = False  # the default profile of its kind
+    source: str = ""  # the TOML file it came from
+
+    def __post_init__(self):
+        def check(value, allowed, what):
+            if value not in allowed:
+                raise UserError(f"profile {self.name!r}: {what} {value!r} is not one of {', '.join(allowed)}")
+
+        check(self.kind, KINDS, "kind")
+        for fmt in self.formats:
+            check(fmt, FORMATS, "format")
+        for scheme in (self.onnx_quantization, *self.onnx_options):
+            check(scheme, ONNX_QUANTIZATIONS, "ONNX quantization")
+        if self.onnx_quantization not in self.onnx_options:
+            raise UserError(f"profile {self.name!r}: default ONNX quantization {self.onnx_quantization!r} is not "
+                            f"among its onnx_options {list(self.onnx_options)}")  # fmt: skip
+        check(self.gguf_quantization, GGUF_QUANTIZATIONS, "GGUF quantization")
+        check(self.mmproj_quantization, MMPROJ_QUANTIZATIONS, "mmproj quantization")
+        if self.memory_budget_bytes <= 0 or self.onnx_opset < 13:
+            raise UserError(f"profile {self.name!r}: memory_budget_bytes {self.memory_budget_bytes} must be positive "
+                            f"and onnx_opset {self.onnx_opset} at least 13")  # fmt: skip
+
+
+def _from_toml(path: Path) -> TargetProfile:
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"{path}: not a readable TOML profile ({err})") from None
+    try:
+        quant, gates = data["quantization"], data["gates"]
+        return TargetProfile(
+            name=data["name"], kind=data["kind"], description=data.get("description", ""),
+            memory_budget_bytes=int(data["memory_budget_bytes"]), onnx_opset=int(data["onnx_opset"]),
+            formats=tuple(data["formats"]), onnx_quantization=quant["onnx"],
+            onnx_options=tuple(quant.get("onnx_options", [quant["onnx"]])), gguf_quantization=quant["gguf"],
+            mmproj_quantization=quant["mmproj"], default=bool(data.get("default", False)), source=str(path),
+            gates=GateThresholds(
+                max_asr_increase_points=float(gates["max_asr_increase_points"]),
+                max_over_refusal_increase_points=float(gates["max_over_refusal_increase_points"]),
+                max_utility_drop_points=float(gates["max_utility_drop_points"]),
+            ),
+        )  # fmt: skip
+    except KeyError as err:
+        raise UserError(f"{path}: profile lacks the key {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: malformed profile ({err})") from None
+
+
+def list_profiles() -> tuple[TargetProfile, ...]:
+    """The built-in profiles, jetson first, each kind's default first."""
+    profiles = [_from_toml(p) for p in sorted(PROFILES_DIR.glob("*.toml"))]
+    return tuple(sorted(profiles, key=lambda p: (KINDS.index(p.kind), not p.default, p.name)))
+
+
+def load_profile(name_or_kind: str) -> TargetProfile:
+    """A built-in profile by name, the default profile of a kind (`jetson`, `phone`), or a TOML file by path."""
+    if str(name_or_kind).endswith(".toml"):
+        path = Path(name_or_kind)
+        if not path.is_file():
+            raise UserError(f"{name_or_kind}: no such target profile file")
+        return _from_toml(path)
+    profiles = list_profiles()
+    for profile in profiles:
+        if profile.name == name_or_kind or (profile.kind == name_or_kind and profile.default):
+            return profile
+    targets = ", ".join([*KINDS, *(p.name for p in profiles)])
+    raise UserError(f"unknown target {name_or_kind!r}; choose one of {targets} (or a profile .toml file)")

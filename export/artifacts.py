@@ -1,0 +1,281 @@
+"""The export stage: a model cut at exit layer k -> the artifacts a target device runs, in one atomic folder.
+
+    OUT/
+      manifest.json                  sha256 + bytes + format + quantization of every file; exit layer, target, source
+      onnx-k{K}-{scheme}/            vision_encoder / embed_tokens / decoder_model_merged .onnx + edgekit_onnx.json
+      lm-{qtype}.gguf                language model for llama.cpp (families llama.cpp runs)
+      mmproj-k{K}-{qtype}.gguf       vision tower cut at K + projector, for llama.cpp's mtmd (LLaVA-1.5)
+      processor/                     the HF processor (tokenizer, image processor, chat template) the runtimes use
+
+ONNX graphs are exported in fp32 and then quantized with the profile's scheme (`edgekit.export.onnx_quantize`); the
+fp32 graphs are an intermediate unless the scheme is fp32. GGUF files are written in f32/f16/q8_0 by Python and
+K-quants / Q4_0 by llama.cpp's own quantizer from an f32 intermediate. Then the memory check: each runtime set (the
+ONNX folder; LM + mmproj; the hybrid's vision graph + LM) must fit the profile's budget, or the export fails with a
+UserError and nothing is left written. The budget covers the weights a device loads, not its KV cache or activations.
+
+Per family: LLaVA-1.5 gets every artifact. LLaVA-NeXT gets the ONNX folder and the LM GGUF but no mmproj: edgekit's
+mmproj writer has no anyres (image grid pinpoints, image_newline) support, and a LLaVA-1.5-style mmproj would silently
+see only the base tile; the hybrid runtime (ONNX vision, which packs anyres tiles exactly, + llama.cpp LM) runs it.
+Llama 3.2 Vision: ONNX only (llama.cpp has no support for it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.devices.profiles import FORMATS, TargetProfile
+from edgekit.errors import UserError
+from edgekit.export.manifest import FileEntry, file_entry, write_manifest
+from edgekit.outputs import atomic_dir, check_output_dir
+from edgekit.surgery import check_exit_layer, num_exit_layers, set_exit_layer
+
+PROCESSOR_DIR = "processor"
+_WORK_DIR = ".work"  # intermediates inside the temporary folder, removed before it is renamed into place
+PYTHON_GGUF_TYPES = ("f32", "f16", "q8_0")  # written directly by edgekit.export.gguf
+CALIBRATION_PROMPTS = ("describe the image", "what colour is the shape", "what is in the middle of the picture",
+                       "is there a circle or a square")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RuntimeSet:
+    """The files one runtime loads on the device, and their total size."""
+
+    name: str  # onnx | gguf | hybrid
+    paths: tuple[str, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    exit_layer: int
+    target: str
+    files: tuple[FileEntry, ...]
+    runtime_sets: tuple[RuntimeSet, ...]
+    onnx_dir: str | None  # relative to folder
+    lm_gguf: str | None
+    mmproj_gguf: str | None
+    notes: tuple[str, ...]
+
+    @property
+    def largest_set(self) -> RuntimeSet:
+        return max(self.runtime_sets, key=lambda s: s.bytes)
+
+
+def human(n: float) -> str:
+    """Decimal units, as memory budgets are quoted (5 GB = 5e9 bytes)."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            break
+        n /= 1000
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """edgekit.outputs.check_output_dir, plus: the nearest existing ancestor must be a folder (a path under a file
+    would otherwise fail only once the export has run)."""
+    out = check_output_dir(out, overwrite)
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: cannot write here ({parent} is a file, not a folder)")
+    return out
+
+
+def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
+    """'onnx,gguf' -> ('onnx', 'gguf'); unknown or empty -> UserError."""
+    items = [f.strip().lower() for f in (text.split(",") if isinstance(text, str) else text)]
+    items = [f for f in items if f]
+    unknown = [f for f in items if f not in FORMATS]
+    if unknown or not items:
+        raise UserError(f"unknown format {', '.join(unknown) or repr(text)}; choose from {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def check_request(family, num_layers: int, exit_layer, profile: TargetProfile, formats: Sequence[str],
+                  onnx_quantization: str | None = None) -> str:  # fmt: skip
+    """Everything about an export request that can be checked before loading weights; returns the ONNX scheme."""
+    check_exit_layer(exit_layer, num_layers)
+    for fmt in formats:
+        if fmt not in profile.formats:
+            raise UserError(f"target {profile.name} takes formats {', '.join(profile.formats)}, not {fmt}")
+    if "gguf" in formats and family.gguf_projector is None:
+        if "mllama" in family.model_types:
+            raise UserError("llama.cpp has no Llama 3.2 Vision support; use --formats onnx")
+        raise UserError(f"llama.cpp cannot run {family.name}; use --formats onnx")
+    scheme = onnx_quantization or profile.onnx_quantization
+    if scheme not in profile.onnx_options:
+        raise UserError(f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, "
+                        f"not {scheme}")  # fmt: skip
+    return scheme
+
+
+def export_artifacts(
+    loaded,
+    exit_layer: int,
+    profile: TargetProfile,
+    out_dir: str | Path,
+    formats: Sequence[str] = ("onnx", "gguf"),
+    overwrite: bool = False,
+    *,
+    onnx_quantization: str | None = None,
+    calibration_inputs: Sequence[Mapping] | None = None,
+    nthread: int = 0,
+) -> ExportResult:
+    """Cut `loaded.model` (a LoadedModel, float32) at `exit_layer` and write the target's artifacts to `out_dir`
+    atomically. The model stays cut (in memory, `set_exit_layer`). `onnx_quantization` picks one of the profile's
+    `onnx_options` (default: the profile's); `calibration_inputs` (processor outputs) calibrate int8_qdq."""
+    model, family = loaded.model, loaded.family
+    formats = parse_formats(formats)
+    num_layers = num_exit_layers(model)
+    scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
+    check_output(out_dir, overwrite)
+    entries: list[FileEntry] = []
+    notes: list[str] = []
+    onnx_dir = lm_name = mmproj_name = None
+    with atomic_dir(out_dir, overwrite) as tmp:
+        work = tmp / _WORK_DIR
+        work.mkdir()
+        set_exit_layer(model, exit_layer)
+        if "onnx" in formats:
+            onnx_dir = f"onnx-k{exit_layer}-{scheme}"
+            _write_onnx(loaded, exit_layer, profile, scheme, tmp / onnx_dir, work, calibration_inputs)
+            entries += [file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
+                        for p in sorted((tmp / onnx_dir).iterdir())]  # fmt: skip
+        if "gguf" in formats:
+            lm_name = f"lm-{profile.gguf_quantization}.gguf"
+            _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
+            entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
+            if _writes_mmproj(model):
+                mmproj_name = f"mmproj-k{exit_layer}-{profile.mmproj_quantization}.gguf"
+                _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
+                entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
+            else:
+                notes.append(f"no mmproj for {family.name}: edgekit's mmproj writer has no anyres support; run the "
+                             "LM GGUF with the ONNX vision graph (hybrid runtime)")  # fmt: skip
+        shutil.rmtree(work)
+        entries += _write_processor(loaded, tmp / PROCESSOR_DIR)
+        sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name)
+        largest = max(sets, key=lambda s: s.bytes)
+        if largest.bytes > profile.memory_budget_bytes:
+            raise UserError(
+                f"artifacts do not fit target {profile.name}: the {largest.name} set needs {human(largest.bytes)} "
+                f"({largest.bytes} bytes) but the memory budget is {human(profile.memory_budget_bytes)} "
+                f"({profile.memory_budget_bytes} bytes); pick a smaller quantization, model or another target"
+            )  # fmt: skip
+        extra: dict[str, Any] = {
+            "family": family.name,
+            "model_type": model.config.model_type,
+            "num_exit_layers": num_layers,
+            "formats": list(formats),
+            "quantization": {"onnx": scheme if onnx_dir else None, "gguf": profile.gguf_quantization if lm_name
+                             else None, "mmproj": profile.mmproj_quantization if mmproj_name else None},
+            "artifacts": {"onnx_dir": onnx_dir, "lm_gguf": lm_name, "mmproj_gguf": mmproj_name,
+                          "processor_dir": PROCESSOR_DIR},
+            "memory": {"budget_bytes": profile.memory_budget_bytes, "largest_set": largest.name,
+                       "largest_set_bytes": largest.bytes,
+                       "sets": {s.name: {"bytes": s.bytes, "paths": list(s.paths)} for s in sets},
+                       "covers": "weights a runtime loads; not the KV cache or activations"},
+            "notes": notes,
+        }  # fmt: skip
+        write_manifest(tmp, exit_layer=exit_layer, target=profile.name, source_model=loaded.source,
+                       revision=loaded.revision, files=entries, extra=extra)  # fmt: skip
+    return ExportResult(Path(out_dir), exit_layer, profile.name, tuple(sorted(entries, key=lambda e: e.path)),
+                        tuple(sets), onnx_dir, lm_name, mmproj_name, tuple(notes))  # fmt: skip
+
+
+# --- pieces --------------------------------------------------------------------------------------------------------
+def _writes_mmproj(model) -> bool:
+    """LLaVA-1.5 only: LLaVA-NeXT's anyres is not in the mmproj writer (see module doc)."""
+    return not isinstance(getattr(model.config, "image_grid_pinpoints", None), list)
+
+
+def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_inputs) -> None:
+    from edgekit.export.onnx import export_onnx
+    from edgekit.export.onnx_quantize import quantize
+
+    fp32 = out if scheme == "fp32" else work / "onnx-fp32"
+    export_onnx(loaded.model, loaded.processor, loaded.family, k, fp32, opset=profile.onnx_opset)
+    if scheme != "fp32":
+        calibration = calibration_inputs
+        if scheme == "int8_qdq" and not calibration:
+            calibration = default_calibration_inputs(loaded.processor)
+        quantize(fp32, scheme, out, calibration_inputs=calibration)
+
+
+def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> None:
+    from edgekit.export import gguf
+
+    model, processor = loaded.model, loaded.processor
+    state = {**model.model.language_model.state_dict(), "lm_head.weight": model.lm_head.weight}
+    text_config = model.config.get_text_config(decoder=True)
+    direct = qtype in PYTHON_GGUF_TYPES
+    src = path if direct else work / "lm-f32.gguf"
+    gguf.write_language_model(text_config, state, processor.tokenizer, src, ftype=qtype if direct else "f32",
+                              chat_template=processor.chat_template)  # fmt: skip
+    if not direct:
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor to the C-level stderr
+            gguf.quantize_with_llama_cpp(src, path, qtype, nthread=nthread)
+
+
+def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:
+    from edgekit.export import gguf
+    from edgekit.families import attr_path
+
+    model, family = loaded.model, loaded.family
+    image_processor = loaded.processor.image_processor
+    gguf.write_mmproj(
+        attr_path(model, family.tower).state_dict(), model.config.vision_config,
+        attr_path(model, family.projector).state_dict(), path, exit_layer=k, image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std, ftype=qtype,
+    )  # fmt: skip
+
+
+def _write_processor(loaded, out: Path) -> list[FileEntry]:
+    loaded.processor.save_pretrained(out)
+    sentencepiece = Path(loaded.source) / "tokenizer.model"
+    if sentencepiece.is_file():
+        shutil.copy(sentencepiece, out / "tokenizer.model")
+    return [file_entry(out.parent, p, "processor", "none") for p in sorted(out.rglob("*")) if p.is_file()]
+
+
+def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name) -> list[RuntimeSet]:
+    size = {e.path: e.bytes for e in entries}
+    candidates: list[tuple[str, list[str]]] = []
+    if onnx_dir:
+        candidates.append(("onnx", [p for p in size if p.startswith(f"{onnx_dir}/") and p.endswith((".onnx", ".npy"))]))
+    if lm_name and mmproj_name:
+        candidates.append(("gguf", [lm_name, mmproj_name]))
+    if lm_name and onnx_dir:
+        vision = [p for p in size if p.startswith(f"{onnx_dir}/vision_encoder") or p.endswith(".npy")]
+        candidates.append(("hybrid", [*vision, lm_name]))
+    if not candidates and lm_name:
+        candidates.append(("gguf", [lm_name]))
+    return [RuntimeSet(name, tuple(sorted(paths)), sum(size[p] for p in paths)) for name, paths in candidates]
+
+
+def default_calibration_inputs(processor, n: int = 4) -> list[dict]:
+    """Processor outputs of a few procedural benign images (gradients and a shape) with short prompts."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        ramp = np.linspace(0, 255, 64)[None, :, None] * rng.uniform(0.3, 1.0, 3)
+        image = Image.fromarray(np.broadcast_to(ramp, (48, 64, 3)).astype("uint8"))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        ImageDraw.Draw(image).ellipse([8 + 4 * i, 8, 40 + 4 * i, 40], fill=colour)
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": CALIBRATION_PROMPTS[i % 4]}]}]  # fmt: skip
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        out.append(dict(processor(images=image, text=prompt, return_tensors="pt")))
+    return out

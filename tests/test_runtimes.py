@@ -1,0 +1,164 @@
+"""One generate() over PyTorch, ONNX Runtime, llama.cpp (mtmd) and the hybrid, on the tiny LLaVA exported at exit k.
+
+Oracles: transformers' greedy generate with the tower exiting at k. At F32 the hybrid (ONNX vision -> embeddings ->
+llama.cpp decoder) and ONNX Runtime must be token-identical to it, compared up to the first eos on both sides.
+llama.cpp's own vision path (mtmd) is measured and printed, not gated: its LLaVA graph orders CLS after the patches
+(ggml-org/llama.cpp#25814) and it preprocesses images itself, so exact parity is impossible upstream today.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import sample_image
+
+from edgekit.devices.profiles import load_profile
+from edgekit.errors import UserError
+from edgekit.export.artifacts import export_artifacts
+from edgekit.loading import load
+from edgekit.runtime import Prompt, TorchRuntime, open_runtime, processor_inputs, until_eos
+from edgekit.surgery import set_exit_layer
+
+K = 12
+MAX_NEW_TOKENS = 32
+QUESTIONS = ["what colour is the shape in this picture", "describe the image", "is there a circle or a square",
+             "tell me about the house and the tree"]  # fmt: skip
+IMAGE_SIZES = [(40, 60), (60, 40), (36, 36), (30, 84)]
+PROMPTS = [Prompt(sample_image(100 + i, IMAGE_SIZES[i]), q) for i, q in enumerate(QUESTIONS)]
+LLAMA = {"n_threads": 1, "n_ctx": 256}  # one thread: llama.cpp's spinning workers crawl on a shared 2-core box
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoints, tmp_path_factory):
+    """The tiny LLaVA, its PyTorch runtime and reference tokens, and an F32 export (ONNX fp32, GGUF f32)."""
+    loaded = load(tiny_checkpoints["llava"], dtype="float32")
+    f32 = dataclasses.replace(load_profile("jetson-agx-orin"), onnx_quantization="fp32", onnx_options=("fp32",),
+                              gguf_quantization="f32", mmproj_quantization="f32")  # fmt: skip
+    folder = export_artifacts(loaded, K, f32, tmp_path_factory.mktemp("rt") / "f32").folder
+    torch_rt = TorchRuntime(loaded, K)
+    reference = [torch_rt.generate(p, MAX_NEW_TOKENS) for p in PROMPTS]
+    return loaded, folder, torch_rt, reference
+
+
+def test_reference_is_not_vacuous(tiny):
+    _, _, _, reference = tiny
+    assert sum(map(len, reference)) >= 4 * len(PROMPTS)
+    assert len({tuple(r) for r in reference}) == len(PROMPTS)  # depends on the image and question
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "onnx"])
+def test_f32_token_identical_to_pytorch(tiny, kind):
+    _, folder, torch_rt, reference = tiny
+    runtime = open_runtime(kind, folder, **(LLAMA if kind == "hybrid" else {}))
+    eos = torch_rt.eos
+    got = [until_eos(runtime.generate(p, MAX_NEW_TOKENS), eos) for p in PROMPTS]
+    want = [until_eos(r, eos) for r in reference]
+    print(f"{kind} F32 k={K}: {sum(g == w for g, w in zip(got, want))}/{len(PROMPTS)} prompts token-identical, "
+          f"{sum(map(len, got))} tokens")  # fmt: skip
+    assert got == want
+
+
+def test_embedding_batches_equal_token_batches(tiny):
+    """decode_embeddings of the LM's own token embeddings gives the logits of decode_tokens (positions, masks and the
+    embedding batch layout are right), and both match PyTorch's logits."""
+    from edgekit.runtime_llama import LlamaDecoder
+
+    loaded, folder, _, _ = tiny
+    decoder = LlamaDecoder(folder / "lm-f32.gguf", **LLAMA)
+    ids = processor_inputs(loaded.processor, PROMPTS[0])["input_ids"][0, :20]
+    decoder.reset()
+    by_tokens = decoder.decode_tokens(ids.tolist(), 0)
+    with torch.no_grad():
+        embeds = loaded.model.get_input_embeddings()(ids)
+        want = loaded.model.lm_head(loaded.model.model.language_model(inputs_embeds=embeds[None]).last_hidden_state)
+    decoder.reset()
+    by_embeds = decoder.decode_embeddings(embeds[:7].numpy(), 0)  # first part as embeddings, the rest as tokens
+    by_mixed = decoder.decode_tokens(ids[7:].tolist(), 7)
+    decoder.reset()
+    decoder.decode_embeddings(embeds.numpy(), 0)
+    all_embeds = decoder.last_logits()
+    want = want[0, -1].numpy()
+    diffs = [float(np.abs(x - want).max()) for x in (by_tokens, by_mixed, all_embeds)]
+    print(f"llama.cpp F32 last logits vs PyTorch (tokens, mixed, embeddings): {', '.join(f'{d:.1e}' for d in diffs)}")
+    assert max(diffs) <= 1e-3
+    assert by_embeds.shape == want.shape
+    with pytest.raises(ValueError, match="embeddings of shape"):
+        decoder.decode_embeddings(np.zeros((2, 3), np.float32), 0)
+
+
+def test_mtmd_path_measured(tiny):
+    """llama.cpp end to end: weights checked through the image embeddings (equal to transformers' or to the
+    upstream CLS-last layout), tokens measured against PyTorch and printed."""
+    loaded, folder, torch_rt, reference = tiny
+    runtime = open_runtime("llama", folder, **LLAMA)
+    model = loaded.model
+    set_exit_layer(model, K)
+
+    # A square image at the tower's size: mtmd's pad-to-square and HF's centre crop then see the same pixels.
+    size = model.config.vision_config.image_size
+    image = sample_image(7, (size, size))
+    embd = runtime.vlm.image_embeddings(image)
+    inputs = processor_inputs(loaded.processor, Prompt(image, "x"))
+    with torch.no_grad():
+        hf = loaded.family.features_per_layer(model, inputs, [K])[K].numpy()
+        cls_last = _cls_last_layout(model, inputs["pixel_values"]).numpy()
+    diff_hf, diff_layout = float(np.abs(embd - hf).max()), float(np.abs(embd - cls_last).max())
+    cos = float((embd * hf).sum() / np.linalg.norm(embd) / np.linalg.norm(hf))
+    print(f"mtmd image embeddings k={K}: max|diff| vs HF {diff_hf:.2e} (cosine {cos:.3f}), vs CLS-last layout "
+          f"{diff_layout:.2e}, max|HF| {np.abs(hf).max():.2e}")  # fmt: skip
+    assert embd.shape == hf.shape and min(diff_hf, diff_layout) <= 1e-3
+
+    eos = torch_rt.eos
+    same_text, identical, agreement = 0, 0, []
+    for prompt, ref in zip(PROMPTS, reference):
+        hf_ids = processor_inputs(loaded.processor, prompt)["input_ids"][0].tolist()
+        mtmd_ids = runtime.vlm.prompt_tokens(prompt.image, runtime.prompt_text(prompt))
+        same_text += [t for t in hf_ids if t != model.config.image_token_id] == [t for t in mtmd_ids if t is not None]
+        got = until_eos(runtime.generate(prompt, MAX_NEW_TOKENS), eos)
+        want = until_eos(ref, eos)
+        assert 1 <= len(got) <= MAX_NEW_TOKENS and all(0 <= t < model.config.text_config.vocab_size for t in got)
+        n = min(len(got), len(want))
+        agreement.append(float(np.mean([g == w for g, w in zip(got[:n], want[:n])])))
+        identical += got == want
+    print(f"mtmd generate k={K}: text tokens equal to HF's on {same_text}/{len(PROMPTS)} prompts; "
+          f"{identical}/{len(PROMPTS)} token-identical to PyTorch; positional agreement {np.mean(agreement):.2f}")
+
+
+def _cls_last_layout(model, pixels):
+    """llama.cpp's LLaVA graph today (ggml-org/llama.cpp#25814): CLS appended after the patches, positions in that
+    order, rows 1.. kept (patch 0 dropped, CLS passed on)."""
+    tower = model.model.vision_tower
+    emb = tower.embeddings
+    patches = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([patches, emb.class_embedding.expand(1, 1, -1)], 1) + emb.position_embedding.weight[None]
+    x = tower.pre_layrnorm(x)
+    for layer in tower.encoder.layers[:K]:
+        x = layer(x, attention_mask=None)
+    return model.model.multi_modal_projector(x[0, 1:])
+
+
+def test_quantized_artifacts_run_in_every_runtime(tiny, tmp_path):
+    """The Jetson profile's artifacts (ONNX fp16, LM Q4_K_M, mmproj f16) run in each runtime; agreement printed."""
+    loaded, _, torch_rt, reference = tiny
+    folder = export_artifacts(loaded, K, load_profile("jetson"), tmp_path / "jetson", nthread=2).folder
+    eos = torch_rt.eos
+    for kind in ("onnx", "hybrid", "llama"):
+        runtime = open_runtime(kind, folder, **({} if kind == "onnx" else LLAMA))
+        got = [until_eos(runtime.generate(p, MAX_NEW_TOKENS), eos) for p in PROMPTS[:2]]
+        assert all(1 <= len(g) <= MAX_NEW_TOKENS for g in got)
+        same = sum(g == until_eos(r, eos) for g, r in zip(got, reference))
+        print(f"jetson artifacts, {kind}: {same}/{len(got)} prompts token-identical to PyTorch F32")
+
+
+def test_open_runtime_errors(tiny, tmp_path):
+    loaded, folder, _, _ = tiny
+    with pytest.raises(UserError, match="unknown runtime 'tflite'"):
+        open_runtime("tflite", folder)
+    with pytest.raises(UserError, match="no manifest.json"):
+        open_runtime("onnx", tmp_path)
+    onnx_only = export_artifacts(loaded, K, load_profile("phone"), tmp_path / "onnx", formats=("onnx",)).folder
+    with pytest.raises(UserError, match="no lm_gguf for the hybrid runtime"):
+        open_runtime("hybrid", onnx_only)
