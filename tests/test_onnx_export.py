@@ -29,21 +29,15 @@ from edgekit.runtime_onnx import (
     Names,
     OnnxVLM,
 )
+from edgekit.safety.suite import builtin_suite
 from edgekit.surgery import num_exit_layers, set_exit_layer
 
 FAMILY_TYPES = [f.model_types[0] for f in FAMILIES]
 GEN_EXIT = 12  # the exit layer of the full three-graph export used for generation and quantization
 MAX_NEW_TOKENS = 32
 FAST_PROMPTS, SLOW_PROMPTS = 5, 20
-PROMPTS = [
-    "what colour is the shape in this picture", "describe the image", "is there a circle or a square",
-    "what is on the left of the picture", "tell me about the house and the tree", "how many shapes are there",
-    "write one sentence about this photo", "which object is at the top", "explain what you see here",
-    "is the cup red or blue", "what is in the middle", "describe the colours please", "hello , what is this",
-    "show me the bottom right", "can you help me describe this picture", "what shape is white",
-    "first describe the tree then the house", "why is the square green", "where is the triangle",
-    "make a short answer about the image",
-]  # fmt: skip
+# Requests of every kind from the built-in suite's eval split (harmful, risky-looking benign, visual questions).
+PROMPTS = [item.prompt for item in builtin_suite().select("eval", limit_per_kind=SLOW_PROMPTS // 5)]
 # Non-square sizes in both orientations: LLaVA-NeXT's unpadding takes both branches, Mllama picks different tilings.
 IMAGE_SIZES = [(40, 60), (60, 40), (36, 36), (30, 84), (84, 30)]
 
