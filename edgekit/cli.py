@@ -192,7 +192,48 @@ def cmd_judge(args) -> None:
     judge = make_judge(args.judge)
     prompts, responses = read_pairs(args.file)
     for verdict in judge.judge(prompts, responses):
-        print(json.dumps({"label": verdict.label, "score": round(float(verdict.score), 4)}))
+        row = {"label": verdict.label, "score": round(float(verdict.score), 4)}
+        print(json.dumps(row if verdict.unsafe is None else row | {"unsafe": verdict.unsafe}))
+
+
+def _exit_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range A-B of exit layers, e.g. 3-5, got {text!r}") from None
+
+
+ALIGN_FLAGS = ("steps", "batch", "minibatch", "ppo_epochs", "lr", "max_new_tokens", "temperature", "top_k", "kl_init",
+               "kl_target", "checkpoint_every", "seed")  # fmt: skip
+
+
+def cmd_align(args) -> None:
+    from edgekit.align.lppo import LPPOConfig, align, check_layers, check_output
+    from edgekit.align.rewards import check_reward, make_reward
+    from edgekit.families import family_for
+    from edgekit.loading import load_config
+
+    # Check everything cheap before reading weights: the settings, the layers against the config, the reward
+    # source, the output folder (and a checkpoint to resume).
+    given = {name: getattr(args, name) for name in ALIGN_FLAGS if getattr(args, name) is not None}
+    config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=args.exit_layers, **given)
+    if args.method == "lppo":
+        check_reward(args.reward)
+    if args.model:
+        model_config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
+        check_layers(config, family_for(model_config).num_layers(model_config))
+    check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    args.model = _model_or_demo(args)
+    loaded = _load(args)
+    reward = make_reward(args.reward, device=args.device) if args.method == "lppo" else None
+    result = align(loaded, args.output, config, reward, method=args.method, resume=args.resume,
+                   overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    layers = f"{config.exit_layers[0]}-{config.exit_layers[1]}" if config.exit_layers else str(config.exit_layer)
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
+    last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k not in ("step", "exit_layer"))
+    print(f"wrote {result.output}: {result.method} at exit layer {layers}, {result.steps} steps{resumed}; last step: "
+          f"{last}; merged/ is a plain Hugging Face checkpoint, adapter/ the LoRA adapter")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="builtin", help="'builtin' (eval split) or a suite file: JSONL {prompt, label, "
                    "image?}, AdvBench / JailbreakV-28K / XSTest CSV, MM-SafetyBench JSON")  # fmt: skip
     p.add_argument("--images", help="folder of your own benign images for text-only suites")
-    p.add_argument("--judge", default="refusal", help="refusal (offline, default) or keyword (baseline)")
+    p.add_argument("--judge", default="refusal", help="refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")
     p.add_argument("--limit-per-kind", type=int, help="at most this many items of each kind")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -284,8 +325,44 @@ def build_parser() -> argparse.ArgumentParser:
         'row, in order: {"label": "refusal" | "compliance", "score": float} (score: how likely a refusal).',
     )
     p.add_argument("file", help="JSONL or CSV of prompt/response pairs")
-    p.add_argument("--judge", default="refusal", help="refusal (offline, default) or keyword (baseline)")
+    p.add_argument("--judge", default="refusal", help="refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")
     p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser(
+        "align",
+        help="re-align the model's safety at an exit layer (L-PPO, or the layer-wise SFT baseline)",
+        description="Train LoRA adapters on the language model (vision tower and projector frozen) with PPO whose "
+        "rollouts and updates read the image features of exit layer K (or of a layer drawn per batch from A-B), on "
+        "the built-in suite's train split. Writes adapter/, merged/ (a plain Hugging Face checkpoint), "
+        "value_head.pt, train_log.jsonl, train_curves.png and align.json; checkpoints let a killed run --resume. "
+        "Without MODEL, the embedded demo model (trained on first use).",
+        epilog=EPILOG,
+    )
+    _add_model_args(p, optional=True)
+    p.set_defaults(dtype="float32")  # LoRA training in full precision
+    p.add_argument("--exit-layer", type=_exit_layer, required=True, metavar="K", help="the exit layer to align")
+    p.add_argument("--exit-layers", type=_exit_range, metavar="A-B", help="draw each batch's exit layer from A..B "
+                   "(one adapter for a range of exits; must contain K)")  # fmt: skip
+    p.add_argument("--reward", default="judge", help="judge (offline refusal judge, default), or a reward model "
+                   "folder or hub id (sequence classification, one scalar output)")  # fmt: skip
+    p.add_argument("--method", default="lppo", choices=("lppo", "sft"), help="lppo (default) or sft (baseline)")
+    p.add_argument("--steps", type=int, help="training steps (default 100)")
+    p.add_argument("--batch", type=int, help="rollouts per step (default 16)")
+    p.add_argument("--minibatch", type=int, help="PPO minibatch (default 4)")
+    p.add_argument("--ppo-epochs", type=int, help="PPO epochs per step (default 2)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--max-new-tokens", type=int, help="response length limit (default 48)")
+    p.add_argument("--temperature", type=float, help="rollout sampling temperature, 0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, help="rollout top-k, 0 = off (default 0)")
+    p.add_argument("--kl-init", type=float, help="initial KL coefficient (default 0.2)")
+    p.add_argument("--kl-target", type=float, help="KL target of the adaptive controller (default 3)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints, 0 = none (default 25)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder or a stale checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_align)
     return parser
 
 
@@ -307,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         args.func(args)
     except (UserError, GateFailure) as err:
-        print(f"edgekit: error: {err}" if isinstance(err, UserError) else f"edgekit: gate failed: {err}", file=sys.stderr)
+        print(f"edgekit: {'error' if isinstance(err, UserError) else 'failed'}: {err}", file=sys.stderr)
         return err.exit_code
     return 0
 

@@ -122,7 +122,7 @@ def shaped_rewards(
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Advantages:
-    """Generalized advantage estimation (Schulman et al. 2015) over the valid tokens of each row."""
+    """Generalized advantage estimation (arXiv 1506.02438) over the valid tokens of each row."""
     r = _valid(rewards, mask)
     v = _valid(values, mask)
     valid = mask.bool().to(v.dtype)
@@ -172,7 +172,7 @@ def clipped_value_loss(
 
 
 def update_kl_coef(state: KLControllerState, observed_kl: float | Tensor, n_steps: int) -> KLControllerState:
-    """Ziegler et al. 2019 adaptive KL: move ``coef`` toward the KL target, at most 20% per ``horizon`` steps."""
+    """Adaptive KL control (arXiv 1909.08593): move ``coef`` toward the KL target, at most 20% per ``horizon`` steps."""
     if state.target is None:
         return state
     error = min(max(float(observed_kl) / state.target - 1.0, -0.2), 0.2)
