@@ -67,9 +67,6 @@ class Family:
         """Some towers copy config values into attributes at init; keep them in step (nothing to do for CLIP)."""
 
     # --- features ----------------------------------------------------------------------------------------------
-    def image_inputs(self, inputs: dict) -> dict:
-        return {name: inputs[name] for name in self.onnx_image_inputs if name in inputs}
-
     def _tower_hidden_states(self, model, inputs: dict) -> tuple[torch.Tensor, ...]:
         """One forward of the tower: hidden_states[0..L]."""
         tower = attr_path(model, self.tower)

@@ -16,10 +16,6 @@ class Estimate:
     high: float | None
     n: int
 
-    @property
-    def stderr(self) -> float | None:
-        return None if self.value is None or self.n == 0 else float(np.sqrt(self.value * (1 - self.value) / self.n))
-
 
 def bootstrap_mean(outcomes: list[bool] | np.ndarray, seed: int = 0) -> Estimate:
     """Mean of 0/1 outcomes and its percentile bootstrap 95% interval (seeded, so reports are reproducible)."""
