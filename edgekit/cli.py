@@ -213,16 +213,21 @@ def cmd_align(args) -> None:
     from edgekit.align.rewards import check_reward, make_reward
     from edgekit.families import family_for
     from edgekit.loading import load_config
+    from edgekit.surgery import check_exit_layer
 
-    # Check everything cheap before reading weights: the settings, the layers against the config, the reward
+    # Check everything cheap before reading weights: the layers against the config, the settings, the reward
     # source, the output folder (and a checkpoint to resume).
-    given = {name: getattr(args, name) for name in ALIGN_FLAGS if getattr(args, name) is not None}
-    config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=args.exit_layers, **given)
-    if args.method == "lppo":
-        check_reward(args.reward)
+    num_layers = None
     if args.model:
         model_config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
-        check_layers(config, family_for(model_config).num_layers(model_config))
+        num_layers = family_for(model_config).num_layers(model_config)
+        check_exit_layer(args.exit_layer, num_layers)
+    given = {name: getattr(args, name) for name in ALIGN_FLAGS if getattr(args, name) is not None}
+    config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=args.exit_layers, **given)
+    if num_layers is not None:
+        check_layers(config, num_layers)
+    if args.method == "lppo":
+        check_reward(args.reward)
     check_output(args.output, resume=args.resume, overwrite=args.overwrite)
     args.model = _model_or_demo(args)
     loaded = _load(args)
