@@ -117,16 +117,20 @@ def train_tower(model, recipe: DemoRecipe, log: Callable[[str], None], device: s
         labels = {k: torch.tensor([_scene_labels(s)[k] for s in scenes], device=device) for k in heads}
         logits = {k: head(hidden) for k, head in heads.items()}
         loss = sum(F.cross_entropy(logits[k], labels[k], ignore_index=-100) for k in heads)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.tower_steps - 1:
             acc = {k: _accuracy(logits[k], labels[k]) for k in heads}
             log(f"tower step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     tower.eval()
     return acc
+
+
+def _step(opt, sched, params, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def _accuracy(logits, labels) -> float:
@@ -211,11 +215,7 @@ def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None],
         batch = chat_examples(rng, suite, recipe.batch, recipe.mix)
         enc = encode_chat(processor, [render(s) for s, _, _ in batch], [p for _, p, _ in batch], [a for _, _, a in batch])
         loss = model(**{k: v.to(device) for k, v in enc.items()}).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.chat_steps - 1:
             log(f"chat step {step} loss {loss.item():.3f}")
     model.eval()
