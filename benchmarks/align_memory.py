@@ -1,0 +1,91 @@
+"""Peak memory of L-PPO alignment against plain inference on the same model, each in its own process.
+
+    python benchmarks/align_memory.py [MODEL] [--size tiny|mid] [--out align_memory.json]
+
+Inference: batched greedy generation at the exit layer. Alignment: a few L-PPO steps with the same batch and new
+tokens. Peak = VmHWM of the process, read at its end. Without MODEL a random LLaVA-1.5 is built (`--size mid`:
+the 115M-parameter model of export_bench.py), so the weights, not the Python runtime, dominate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, tempfile, torch
+torch.set_num_threads(2)
+from edgekit.loading import load
+from edgekit.safety.scan import chat_inputs
+from edgekit.safety.suite import builtin_suite
+from edgekit.surgery import set_exit_layer
+mode, model, k, batch, new_tokens, steps = sys.argv[1:7]
+k, batch, new_tokens, steps = int(k), int(batch), int(new_tokens), int(steps)
+loaded = load(model, dtype="float32")
+if mode == "inference":
+    items = builtin_suite().select("eval", limit_per_kind=batch)[:batch]
+    inputs = chat_inputs(loaded.processor, items)
+    set_exit_layer(loaded.model, k)
+    with torch.no_grad():
+        for _ in range(steps):
+            loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=loaded.processor.tokenizer.pad_token_id)
+else:
+    from edgekit.align.lppo import LPPOConfig, align
+    from edgekit.align.rewards import make_reward
+    config = LPPOConfig(exit_layer=k, steps=steps, batch=batch, minibatch=batch // 2, max_new_tokens=new_tokens,
+                        checkpoint_every=0)
+    align(loaded, tempfile.mkdtemp() + "/out", config, make_reward("judge"), progress=False)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"peak_rss_mib": peak / 1024}))
+"""
+
+
+def measure(mode: str, model: str, args) -> float:
+    cmd = [sys.executable, "-c", CHILD, mode, model, str(args.exit_layer), str(args.batch), str(args.new_tokens),
+           str(args.steps)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--size", choices=("tiny", "mid"), default="mid")
+    ap.add_argument("--exit-layer", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", default="align_memory.json")
+    args = ap.parse_args()
+    model = args.model
+    if model is None:
+        from edgekit.tiny import build_tiny, make_tiny_checkpoint, save_tiny
+
+        folder = Path(tempfile.mkdtemp()) / f"{args.size}-llava"
+        if args.size == "tiny":
+            make_tiny_checkpoint("llava", folder)
+        else:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from export_bench import MID_SIZES
+
+            save_tiny(*build_tiny("llava", MID_SIZES), folder)
+        model = str(folder)
+    inference = measure("inference", model, args)
+    alignment = measure("align", model, args)
+    result = {"model": model, "size": args.size if args.model is None else None, "exit_layer": args.exit_layer,
+              "batch": args.batch, "new_tokens": args.new_tokens, "steps": args.steps,
+              "inference_peak_rss_mib": inference, "align_peak_rss_mib": alignment, "ratio": alignment / inference}  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print("| process | peak RSS MiB |\n|---|---|")
+    print(f"| inference (greedy generate at exit {args.exit_layer}) | {inference:.0f} |")
+    print(f"| L-PPO ({args.steps} steps, batch {args.batch}) | {alignment:.0f} |")
+    print(f"\nalignment / inference = {result['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
