@@ -18,6 +18,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import MODEL_TENSOR, TokenType
 
+from edgekit.errors import UserError
+
 FTYPES = {  # ftype name -> (type for 2-D weights, general.file_type)
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -80,7 +82,7 @@ def write_language_model(
     weight_type, file_type = _check_ftype(ftype)
     rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
     if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"rope_type {rope['rope_type']!r} is not supported; only 'default' RoPE")
+        raise UserError(f"rope_type {rope['rope_type']!r}: the GGUF writer supports default RoPE only (use ONNX)")
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     n_vocab = config.vocab_size  # embedding rows; the token list is padded to match
