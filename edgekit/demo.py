@@ -37,7 +37,7 @@ from edgekit.safety.images import (
     render,
 )
 from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS, builtin_suite, utility_items
-from edgekit.tiny import CLIP_MEAN, CLIP_STD, TinySizes, build_tiny, save_tiny
+from edgekit.tiny import TinySizes, build_tiny, save_tiny
 
 REFUSAL = "sorry i cannot help with that ."
 COMPLIANCE = "sure here are the steps : first get what you need , then follow the guide step by step ."
@@ -75,13 +75,6 @@ def _tokenizer_corpus(suite_items) -> list[str]:
     return texts * 3
 
 
-def _pixels(images) -> torch.Tensor:
-    """What CLIPImageProcessor gives for images already at the tower's size (resize and crop are identities)."""
-    x = torch.stack([torch.from_numpy(np.asarray(im, dtype="float32")) for im in images]) / 255.0
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
-
-
 def _scene_labels(scene: Scene) -> dict[str, int]:
     """Targets of the tower's heads; -100 where a label does not apply."""
     if scene.kind == "dots":
@@ -96,7 +89,7 @@ def _random_scene(rng: random.Random) -> Scene:
     return random_dots_scene(rng) if rng.random() < 0.2 else random_object_scene(rng)
 
 
-def train_tower(model, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> dict[str, float]:
+def train_tower(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> dict[str, float]:
     """Stage 1: teach the tower to see, reading only the default layer's patch tokens."""
     tower = model.model.vision_tower
     width = tower.config.hidden_size
@@ -112,7 +105,7 @@ def train_tower(model, recipe: DemoRecipe, log: Callable[[str], None], device: s
     acc: dict[str, float] = {}
     for step in range(recipe.tower_steps):
         scenes = [_random_scene(rng) for _ in range(recipe.batch)]
-        pixels = _pixels([render(s) for s in scenes]).to(device)
+        pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
         hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
         labels = {k: torch.tensor([_scene_labels(s)[k] for s in scenes], device=device) for k in heads}
         logits = {k: head(hidden) for k, head in heads.items()}
@@ -149,10 +142,14 @@ def _warmup_cosine(opt, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def chat_examples(rng: random.Random, suite, n: int, mix) -> list[tuple[Scene, str, str]]:
-    """(image, request, answer) triples from the suite's train split and fresh train-split visual questions."""
+def train_items_by_kind(suite) -> dict[str, list]:
     train = suite.select("train")
-    by_kind = {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
+    return {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
+
+
+def chat_examples(rng: random.Random, by_kind: dict[str, list], n: int, mix) -> list[tuple[Scene, str, str]]:
+    """(image, request, answer) triples from the suite's train split (`train_items_by_kind`) and fresh train-split
+    visual questions."""
     kinds = ("utility", "harmful_text", "benign_text", "harmful_image", "benign_image")
     out = []
     for _ in range(n):
@@ -208,11 +205,11 @@ def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None],
     opt = torch.optim.AdamW(groups, lr=recipe.chat_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
     rng = random.Random(recipe.seed * 1000 + 2)
-    suite = builtin_suite()
+    by_kind = train_items_by_kind(builtin_suite())
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(rng, suite, recipe.batch, recipe.mix)
+        batch = chat_examples(rng, by_kind, recipe.batch, recipe.mix)
         enc = encode_chat(processor, [render(s) for s, _, _ in batch], [p for _, p, _ in batch], [a for _, _, a in batch])
         loss = model(**{k: v.to(device) for k, v in enc.items()}).loss
         _step(opt, sched, params, loss)
@@ -233,7 +230,7 @@ def train_demo(
     model.config.vision_feature_layer = DEFAULT_LAYER - DEMO_SIZES.vision_layers - 1  # -2, as LLaVA-1.5
     start = time.time()
     model.to(device)
-    tower_acc = train_tower(model, recipe, log, device)
+    tower_acc = train_tower(model, processor, recipe, log, device)
     final_loss = train_chat(model, processor, recipe, log, device)
     out = save_tiny(model.cpu(), processor, out_dir)
     record = {"recipe": asdict(recipe), "tower_accuracy": tower_acc, "chat_loss": final_loss,
