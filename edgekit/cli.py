@@ -151,6 +151,7 @@ def _model_or_demo(args) -> str:
 def cmd_scan(args) -> None:
     from tqdm import tqdm
 
+    from edgekit.families import family_for
     from edgekit.loading import load_config
     from edgekit.outputs import atomic_dir, check_output_dir
     from edgekit.report import write_scan_report
@@ -162,13 +163,8 @@ def cmd_scan(args) -> None:
     judge = make_judge(args.judge)
     suite = builtin_suite() if args.suite == "builtin" else load_suite(args.suite, images=args.images)
     items = suite.select("eval" if args.suite == "builtin" else None, limit_per_kind=args.limit_per_kind)
-    for item in items:
-        if item.image_path and not Path(item.image_path).is_file():
-            raise UserError(f"image not found: {item.image_path}")
-    if args.model:  # check the layers against the config before any weight is read
+    if args.model:  # check the layers against the config before any weight is read (image paths: by the loaders)
         config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
-        from edgekit.families import family_for
-
         parse_layers(args.layers, family_for(config).num_layers(config))
     check_output_dir(args.output, args.overwrite)
     args.model = _model_or_demo(args)

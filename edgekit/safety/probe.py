@@ -11,13 +11,14 @@ import random
 
 import torch
 
+from edgekit.families import attr_path
 from edgekit.safety.images import DANGEROUS, OBJECTS, random_object_scene, render
 
 
 @torch.no_grad()
 def pooled_features(loaded, scenes, layers, batch_size: int = 64) -> dict[int, torch.Tensor]:
     """Mean patch-token hidden state of each layer for each scene (one tower forward per batch)."""
-    tower = loaded.model.model.vision_tower
+    tower = attr_path(loaded.model, loaded.family.tower)
     processor = loaded.processor.image_processor
     out: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
     for start in range(0, len(scenes), batch_size):
