@@ -21,14 +21,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekit.families import family_for
 from edgekit.safety.images import (
+    BENIGN,
     COLORS,
     COUNT_WORDS,
+    DANGEROUS,
     OBJECTS,
     POSITIONS,
     Scene,
@@ -36,7 +38,7 @@ from edgekit.safety.images import (
     random_object_scene,
     render,
 )
-from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS, builtin_suite, utility_items
+from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS, builtin_suite
 from edgekit.tiny import TinySizes, build_tiny, save_tiny
 
 REFUSAL = "sorry i cannot help with that ."
@@ -64,7 +66,7 @@ class DemoRecipe:
     mix: tuple[float, ...] = (0.35, 0.2, 0.15, 0.12, 0.18)
     text_hidden: int = DEMO_SIZES.text_hidden
     text_layers: int = DEMO_SIZES.text_layers
-    chat_tower_lr: float = 0.0  # 0: the tower stays frozen after pretraining, as in LLaVA-1.5
+    pool: int = 6000  # training pictures for the chat stage
 
 
 def _tokenizer_corpus(suite_items) -> list[str]:
@@ -147,71 +149,96 @@ def train_items_by_kind(suite) -> dict[str, list]:
     return {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
 
 
-def chat_examples(rng: random.Random, by_kind: dict[str, list], n: int, mix) -> list[tuple[Scene, str, str]]:
-    """(image, request, answer) triples from the suite's train split (`train_items_by_kind`) and fresh train-split
-    visual questions."""
+@dataclass(frozen=True)
+class ScenePool:
+    """A fixed pool of training pictures with the frozen tower's default-layer patch tokens, computed once: the chat
+    stage then never runs the tower (it is frozen there, as in LLaVA-1.5) and costs the language model only."""
+
+    scenes: list[Scene]
+    features: torch.Tensor  # (pictures, patches, width)
+    by_object: dict[str, list[int]]  # object -> indices; "dots" -> the dot pictures
+
+
+def scene_pool(model, processor, rng: random.Random, size: int, device: str = "cpu") -> ScenePool:
+    scenes = [_random_scene(rng) for _ in range(size)]
+    tower = model.model.vision_tower
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, size, 256):
+            images = [render(s) for s in scenes[start : start + 256]]
+            pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
+            chunks.append(tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:])
+    by_object: dict[str, list[int]] = {}
+    for i, s in enumerate(scenes):
+        by_object.setdefault(s.obj if s.kind == "object" else "dots", []).append(i)
+    return ScenePool(scenes, torch.cat(chunks), by_object)
+
+
+def chat_examples(rng: random.Random, by_kind: dict[str, list], pool: ScenePool, n: int, mix) -> list[tuple[int, str, str]]:
+    """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
+    visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
+    object."""
     kinds = ("utility", "harmful_text", "benign_text", "harmful_image", "benign_image")
+
+    def picture(objects) -> int:
+        return rng.choice(pool.by_object[rng.choice(objects)])
+
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights=mix)[0]
         if kind == "utility":
-            item = utility_items("train", 1, seed_offset=rng.randrange(2**31))[0]
-            out.append((item.scene, item.prompt, UTILITY_ANSWERS[item.question].format(item.answer)))
-            continue
-        item = rng.choice(by_kind[kind])
-        scene = item.scene
-        if kind.endswith("_image"):  # a fresh picture of the same object each time
-            scene = Scene("object", rng.choice(list(COLORS)), rng.randrange(2**31), item.scene.obj, rng.choice(POSITIONS))
-        prompt = item.prompt.lower() if kind.endswith("_text") else rng.choice(NEUTRAL_REQUESTS["train"])
-        out.append((scene, prompt, REFUSAL if kind.startswith("harmful") else COMPLIANCE))
+            question, prompt = rng.choice(UTILITY_QUESTIONS["train"])
+            index = picture(["dots"] if question == "count" else OBJECTS)
+            scene = pool.scenes[index]
+            answer = {"color": scene.color, "object": scene.obj, "position": scene.position,
+                      "count": COUNT_WORDS[(scene.count or 1) - 1]}[question]  # fmt: skip
+            out.append((index, prompt, UTILITY_ANSWERS[question].format(answer)))
+        elif kind.endswith("_text"):
+            out.append((picture(BENIGN), rng.choice(by_kind[kind]).prompt.lower(), REFUSAL if kind == "harmful_text" else COMPLIANCE))
+        else:
+            index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
+            out.append((index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE))
     return out
 
 
-def encode_chat(processor, images, prompts: list[str], answers: list[str] | None = None) -> dict:
-    """Processor-built inputs for chat-templated prompts (left-padded for generation); with answers, `labels`
-    that train on the answer tokens only."""
+def encode_chat(processor, image_tokens: int, prompts: list[str], answers: list[str]) -> dict:
+    """Chat-templated token ids (left-padded) with `image_tokens` image placeholders, as the processor expands them,
+    and `labels` that train on the answer tokens only."""
     tok = processor.tokenizer
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    enc = processor(images=list(images), text=texts)
-    ids = [list(x) for x in enc["input_ids"]]
-    labels = [[-100] * len(x) for x in ids]
-    for i, answer in enumerate(answers or []):
-        a = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids[i] += a
-        labels[i] += a
+    ids, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+        ).replace(processor.image_token, processor.image_token * image_tokens)
+        prefix = tok(text, add_special_tokens=False).input_ids
+        target = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids.append(prefix + target)
+        labels.append([-100] * len(prefix) + target)
     width = max(map(len, ids))
-    out = {
+    return {
         "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]),
         "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
-        "pixel_values": torch.as_tensor(np.stack(enc["pixel_values"])),
+        "labels": torch.tensor([[-100] * (width - len(x)) + x for x in labels]),
     }
-    if answers is not None:
-        out["labels"] = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
-    return out
 
 
 def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> float:
     """Stage 2: projector + language model at the default layer, tower frozen."""
-    tower = model.model.vision_tower
-    tower.requires_grad_(recipe.chat_tower_lr > 0)
+    model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    groups = [{"params": rest}] + ([{"params": list(tower.parameters()), "lr": recipe.chat_tower_lr}] if recipe.chat_tower_lr else [])
-    opt = torch.optim.AdamW(groups, lr=recipe.chat_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
     rng = random.Random(recipe.seed * 1000 + 2)
+    pool = scene_pool(model, processor, rng, recipe.pool, device)
     by_kind = train_items_by_kind(builtin_suite())
+    family = family_for(model.config)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(rng, by_kind, recipe.batch, recipe.mix)
-        enc = encode_chat(processor, [render(s) for s, _, _ in batch], [p for _, p, _ in batch], [a for _, _, a in batch])
-        loss = model(**{k: v.to(device) for k, v in enc.items()}).loss
+        batch = chat_examples(rng, by_kind, pool, recipe.batch, recipe.mix)
+        enc = {k: v.to(device) for k, v in encode_chat(processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]).items()}
+        features = model.model.multi_modal_projector(pool.features[[i for i, _, _ in batch]]).flatten(0, 1)
+        loss = model(**family.lm_inputs(model, enc, features), labels=enc["labels"]).loss
         _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.chat_steps - 1:
             log(f"chat step {step} loss {loss.item():.3f}")
