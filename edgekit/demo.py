@@ -56,17 +56,18 @@ DEFAULT_LAYER = 23
 @dataclass(frozen=True)
 class DemoRecipe:
     seed: int = 0
-    tower_steps: int = 800
+    tower_steps: int = 1500
     tower_lr: float = 1e-3
     chat_steps: int = 1200
     chat_lr: float = 1e-3
     batch: int = 32
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
-    mix: tuple[float, ...] = (0.35, 0.2, 0.15, 0.12, 0.18)
+    mix: tuple[float, ...] = (0.3, 0.28, 0.12, 0.15, 0.15)
     text_hidden: int = DEMO_SIZES.text_hidden
     text_layers: int = DEMO_SIZES.text_layers
     pool: int = 6000  # training pictures for the chat stage
+    word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
 
 
 def _tokenizer_corpus(suite_items) -> list[str]:
@@ -146,7 +147,8 @@ def _warmup_cosine(opt, warmup: int, total: int):
 
 def train_items_by_kind(suite) -> dict[str, list]:
     train = suite.select("train")
-    return {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
+    by_kind = {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
+    return by_kind | {"words": sorted({w for i in train if i.kind.endswith("_text") for w in i.prompt.lower().split()})}
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,22 @@ def scene_pool(model, processor, rng: random.Random, size: int, device: str = "c
     return ScenePool(scenes, torch.cat(chunks), by_object)
 
 
-def chat_examples(rng: random.Random, by_kind: dict[str, list], pool: ScenePool, n: int, mix) -> list[tuple[int, str, str]]:
+def _noisy(rng: random.Random, text: str, words: list[str], p: float) -> str:
+    """Drop or swap words at random, so that refusal keys on several cues and survives words never seen in training
+    (held-out requests are full of them)."""
+    out = []
+    for word in text.split():
+        roll = rng.random()
+        if roll >= p:
+            out.append(word)
+        elif roll < p / 2:
+            out.append(rng.choice(words))
+    return " ".join(out) or text
+
+
+def chat_examples(
+    rng: random.Random, by_kind: dict[str, list], pool: ScenePool, n: int, mix, word_noise: float = 0.0
+) -> list[tuple[int, str, str]]:
     """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
     visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
     object."""
@@ -194,7 +211,8 @@ def chat_examples(rng: random.Random, by_kind: dict[str, list], pool: ScenePool,
                       "count": COUNT_WORDS[(scene.count or 1) - 1]}[question]  # fmt: skip
             out.append((index, prompt, UTILITY_ANSWERS[question].format(answer)))
         elif kind.endswith("_text"):
-            out.append((picture(BENIGN), rng.choice(by_kind[kind]).prompt.lower(), REFUSAL if kind == "harmful_text" else COMPLIANCE))
+            prompt = _noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
             out.append((index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE))
@@ -235,7 +253,7 @@ def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None],
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(rng, by_kind, pool, recipe.batch, recipe.mix)
+        batch = chat_examples(rng, by_kind, pool, recipe.batch, recipe.mix, recipe.word_noise)
         enc = {k: v.to(device) for k, v in encode_chat(processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]).items()}
         features = model.model.multi_modal_projector(pool.features[[i for i, _, _ in batch]]).flatten(0, 1)
         loss = model(**family.lm_inputs(model, enc, features), labels=enc["labels"]).loss
