@@ -14,6 +14,12 @@ weights exists. The value head is a linear layer on the policy's last hidden sta
 `--method sft` replaces the last four lines by cross-entropy on reference targets (a refusal for harmful items, the
 answer for visual questions, a compliance for benign ones). Checkpoints go to a work folder beside the output, each
 written whole (temporary file, then rename); the output folder appears whole at the end.
+
+Under `accelerate launch` (DDP) every process runs the same loop on its own share of each batch: all draw the same
+items and exit layer, each keeps a contiguous slice, rolls it out with its own sampling stream, and trains through
+the DDP wrapper, which averages gradients. Advantages are whitened, and statistics computed, over every process's rows,
+so the KL controller moves identically everywhere; only the main process writes. One process is the plain
+single-process run, number for number.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ METHODS = ("lppo", "sft")
 # The language model's projections only: the vision tower has q/k/v projections too, and must stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 CHECKPOINT = "checkpoint.pt"
+SHARDED = ("FSDP", "DEEPSPEED")  # accelerate's distributed types that shard weights or optimizer state
 # SFT targets, in the demo model's own words (edgekit/demo.py), so the baseline teaches what it already says at 23.
 REFUSAL_TARGET = "sorry i cannot help with that ."
 COMPLIANCE_TARGET = "sure here are the steps : first get what you need , then follow the guide step by step ."
@@ -129,6 +136,16 @@ class LPPOConfig:
         return tuple(range(self.exit_layers[0], self.exit_layers[1] + 1)) if self.exit_layers else (self.exit_layer,)
 
 
+def check_processes(config: LPPOConfig, processes: int, distributed_type: str) -> None:
+    """Each process takes an equal share of every batch and minibatch, and holds whole weights and optimizer state:
+    rollouts generate with them, and a checkpoint saves the main process's copy. FSDP and DeepSpeed shard them."""
+    if distributed_type in SHARDED:
+        raise UserError(f"align does not run under {distributed_type} yet: its rollouts and checkpoints need whole "
+                        "weights and optimizer state in every process; launch it with configs/accelerate/ddp.yaml")
+    if config.minibatch % processes:
+        raise UserError(f"minibatch {config.minibatch} does not split evenly over {processes} processes")
+
+
 def check_layers(config: LPPOConfig, num_layers: int) -> None:
     """The exit layer and the exit range inside 1..L of the model, or a UserError."""
     check_exit_layer(config.exit_layer, num_layers)
@@ -204,52 +221,99 @@ def trainable(policy, value_head) -> list[torch.nn.Parameter]:
     return [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
 
 
-def _step(params, optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+class PolicyValue(torch.nn.Module):
+    """The policy and its value head as one module, so the wrapper that `accelerator.prepare` puts around it sees every
+    trained forward (log-probs and values of a minibatch) and every trained parameter."""
+
+    def __init__(self, policy, family, value_head: ValueHead | None):
+        super().__init__()
+        self.policy, self.value_head, self.family = policy, value_head, family
+
+    def forward(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0):
+        return sequence_forward(self.policy.get_base_model(), self.family, batch, ids, mask, temperature=temperature,
+                                value_head=self.value_head)  # fmt: skip
 
 
-def ppo_update(policy, value_head, optimizer, family, roll: Rollout, kl: KLControllerState, config: LPPOConfig
-               ) -> tuple[dict[str, float], KLControllerState]:  # fmt: skip
-    """PPO epochs over minibatches of one rollout; returns the step's statistics and the updated KL controller."""
-    mask, ids = roll.responses.mask, roll.responses.ids
+@dataclass(frozen=True)
+class Learner:
+    """What a training step uses. `module` is a PolicyValue as `accelerator.prepare` wrapped it: a trained forward must
+    go through the wrapper, or DDP does not average its gradients. The accelerator also gathers batch statistics."""
+
+    module: torch.nn.Module
+    optimizer: Any
+    accelerator: Any
+
+
+def make_learner(policy, value_head, family, optimizer, accelerator) -> Learner:
+    module, optimizer = accelerator.prepare(PolicyValue(policy, family, value_head), optimizer)
+    return Learner(module, optimizer, accelerator)
+
+
+def _step(learner: Learner, loss: torch.Tensor, max_grad_norm: float) -> None:
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.accelerator.backward(loss)
+    learner.accelerator.clip_grad_norm_(learner.module.parameters(), max_grad_norm)  # frozen ones have no gradient
+    learner.optimizer.step()
+
+
+def _whiten_everywhere(accelerator, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`whiten` over every process's rows (responses differ in length between processes, so pad first); returns this
+    process's rows. Each process holds the same number of rows, gathered in process order."""
+    everyone = [accelerator.gather(accelerator.pad_across_processes(t, dim=1)) for t in (x, mask.long())]
+    rows = slice(accelerator.process_index * x.shape[0], (accelerator.process_index + 1) * x.shape[0])
+    return whiten(*everyone)[rows, : x.shape[1]]
+
+
+def ppo_step(learner: Learner, roll: Rollout, kl: KLControllerState, config: LPPOConfig
+             ) -> tuple[dict[str, float], KLControllerState]:  # fmt: skip
+    """PPO epochs over minibatches of this process's share of a rollout; returns the step's statistics over every
+    process's rows and the updated KL controller (the same in every process)."""
+    accelerator, mask, ids = learner.accelerator, roll.responses.mask, roll.responses.ids
     shaped = shaped_rewards(roll.scores, roll.logp, roll.ref_logp, mask, kl.coef)
     adv = gae(shaped.rewards, roll.values, mask, config.gamma, config.lam)
-    advantages = whiten(adv.advantages, mask)
-    model, params = policy.get_base_model(), trainable(policy, value_head)
+    advantages = _whiten_everywhere(accelerator, adv.advantages, mask)
+    rows_here, minibatch = len(roll.batch.items), config.minibatch // accelerator.num_processes
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     updates = 0
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(config.batch)
-        for start in range(0, config.batch, config.minibatch):
-            rows = order[start : start + config.minibatch].to(ids.device)
-            logp, values = sequence_forward(model, family, roll.batch.rows(rows), ids[rows], mask[rows],
-                                            temperature=config.temperature, value_head=value_head)  # fmt: skip
+        order = torch.randperm(rows_here)
+        for start in range(0, rows_here, minibatch):
+            rows = order[start : start + minibatch].to(ids.device)
+            logp, values = learner.module(roll.batch.rows(rows), ids[rows], mask[rows], temperature=config.temperature)
             pl = clipped_policy_loss(logp, roll.logp[rows], advantages[rows], mask[rows], config.clip_eps)
             vl = clipped_value_loss(values, roll.values[rows], adv.returns[rows], mask[rows], config.value_clip)
-            _step(params, optimizer, pl.loss + config.c1 * vl.loss, config.max_grad_norm)
+            _step(learner, pl.loss + config.c1 * vl.loss, config.max_grad_norm)
             for name, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clipfrac", pl.clipfrac),
                                 ("approx_kl", pl.approx_kl)):  # fmt: skip
                 totals[name] += value.item()
             updates += 1
-    sequence_kl = float(shaped.kl.sum(dim=-1).mean())
+    # float64 keeps the Python sums exact on their way through the reduction.
+    means = accelerator.reduce(torch.tensor(list(totals.values()), dtype=torch.float64), "mean").tolist()
+    sequence_kl = float(accelerator.gather(shaped.kl.sum(dim=-1)).mean())
     stats = {
-        "reward_mean": float(roll.scores.mean()), "kl": sequence_kl, "kl_coef": kl.coef,
-        **{name: total / updates for name, total in totals.items()},
-        "response_length": float(mask.sum(dim=-1).float().mean()),
+        "reward_mean": float(accelerator.gather(roll.scores).mean()), "kl": sequence_kl, "kl_coef": kl.coef,
+        **{name: total / updates for name, total in zip(totals, means)},
+        "response_length": float(accelerator.gather(mask.sum(dim=-1)).float().mean()),
     }  # fmt: skip
     return stats, update_kl_coef(kl, sequence_kl, n_steps=config.batch)
 
 
-def sft_update(policy, optimizer, family, tokenizer, batch: Batch, config: LPPOConfig) -> dict[str, float]:
+def ppo_update(policy, value_head, optimizer, family, roll: Rollout, kl: KLControllerState, config: LPPOConfig
+               ) -> tuple[dict[str, float], KLControllerState]:  # fmt: skip
+    """`ppo_step` on plain objects: this process's policy, value head and optimizer, prepared here."""
+    from accelerate import Accelerator
+
+    return ppo_step(make_learner(policy, value_head, family, optimizer, Accelerator(device_placement=False)), roll, kl,
+                    config)  # fmt: skip
+
+
+def sft_step(learner: Learner, tokenizer, batch: Batch, config: LPPOConfig) -> dict[str, float]:
     """One step of cross-entropy on the reference targets, conditioned on the batch's exit-layer features."""
     ids, mask = encode_targets(tokenizer, [sft_target(i) for i in batch.items], batch.inputs["input_ids"].device)
-    logp, _ = sequence_forward(policy.get_base_model(), family, batch, ids, mask)
+    logp, _ = learner.module(batch, ids, mask)
     loss = -masked_mean(logp, mask)
-    _step(trainable(policy, None), optimizer, loss, config.max_grad_norm)
-    return {"loss": loss.item()}
+    _step(learner, loss, config.max_grad_norm)
+    return {"loss": learner.accelerator.reduce(loss.detach(), "mean").item()}
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
@@ -291,14 +355,15 @@ def check_output(output: str | Path, *, resume: bool, overwrite: bool) -> dict |
     return checkpoint if resume else None
 
 
-def _identity(loaded, config: LPPOConfig, method: str, reward_name: str) -> dict:
-    return {"model": str(loaded.source), "method": method, "reward": reward_name, "config": asdict(config)}
+def _identity(loaded, config: LPPOConfig, method: str, reward_name: str, processes: int) -> dict:
+    return {"model": str(loaded.source), "method": method, "reward": reward_name, "processes": processes,
+            "config": asdict(config)}  # fmt: skip
 
 
 def _check_resumable(checkpoint: dict, identity: dict, work: Path) -> None:
     theirs, ours = checkpoint["identity"], identity
-    diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in ("model", "method", "reward")
-             if theirs[k] != ours[k]]  # fmt: skip
+    diffs = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ("model", "method", "reward", "processes")
+             if theirs.get(k) != ours[k]]  # fmt: skip
     diffs += [f"{k}={theirs['config'].get(k)!r} there, {v!r} here" for k, v in ours["config"].items()
               if _plain(theirs["config"].get(k)) != _plain(v)]  # fmt: skip
     if diffs:
@@ -322,19 +387,33 @@ class _Run:
     log: list[dict]
 
 
+def _process_rng(device: torch.device) -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # fmt: skip
+
+
+def _set_process_rng(state: dict, device: torch.device) -> None:
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _state(run: _Run, policy, value_head, optimizer, identity: dict) -> dict:
+    """Every process must call this (it gathers each one's random state); weights and optimizer are the same in all."""
+    from accelerate.utils import gather_object
+
     device = next(policy.parameters()).device
     return {
         "identity": identity, "step": run.step, "log": run.log, "kl": run.kl._asdict(), "rng": run.rng.getstate(),
-        "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "process_rng": gather_object([_process_rng(device)]),
         "adapter": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad},
         "value_head": value_head.state_dict() if value_head is not None else None,
         "optimizer": optimizer.state_dict(),
     }  # fmt: skip
 
 
-def _restore(state: dict, policy, value_head, optimizer) -> _Run:
+def _restore(state: dict, policy, value_head, optimizer, process: int) -> _Run:
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     if set(params) != set(state["adapter"]):
         raise UserError("the checkpoint's adapter does not match this model's (pass --overwrite to start over)")
@@ -346,10 +425,7 @@ def _restore(state: dict, policy, value_head, optimizer) -> _Run:
     optimizer.load_state_dict(state["optimizer"])
     rng = random.Random()
     rng.setstate(_tuples(state["rng"]))
-    random.setstate(_tuples(state["python_rng"]))
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], next(policy.parameters()).device)
+    _set_process_rng(state["process_rng"][process], next(policy.parameters()).device)
     return _Run(state["step"], KLControllerState(**state["kl"]), rng, list(state["log"]))
 
 
@@ -371,7 +447,10 @@ def align(
 ) -> AlignResult:
     """Align `loaded` (a LoadedModel) at the config's exit layer(s) and write the output folder.
 
-    `loaded.model` is trained in place and ends merged (adapters folded into the language model's weights)."""
+    `loaded.model` is trained in place and ends merged (adapters folded into the language model's weights). Under
+    `accelerate launch` every process calls this with the model on its own device (`PartialState().device`; for
+    processes on the CPU, a `PartialState(cpu=True)` made first); only the main process writes."""
+    from accelerate import Accelerator
     from tqdm import tqdm
 
     if method not in METHODS:
@@ -379,52 +458,70 @@ def align(
     check_layers(config, num_exit_layers(loaded.model))
     by_kind = training_items(items)
     reward = reward or JudgeReward()
-    identity = _identity(loaded, config, method, reward.name if method == "lppo" else "-")
+    accelerator = Accelerator(device_placement=False)  # the caller placed the model
+    check_processes(config, accelerator.num_processes, accelerator.distributed_type.value)
+    identity = _identity(loaded, config, method, reward.name if method == "lppo" else "-", accelerator.num_processes)
     work = work_dir(output)
     checkpoint = check_output(output, resume=resume, overwrite=overwrite)
     if checkpoint is not None:
         _check_resumable(checkpoint, identity, work)
+    accelerator.wait_for_everyone()  # every process has read its checks before anything is written
 
-    torch.manual_seed(config.seed)
+    # A sampling stream per process (process 0's is the single-process one); DDP starts all from process 0's weights.
+    torch.manual_seed(config.seed + accelerator.process_index)
     random.seed(config.seed)
     model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
     policy = make_policy(model, config)
     hidden = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden).to(model.device) if method == "lppo" else None
     optimizer = torch.optim.AdamW(trainable(policy, value_head), lr=config.lr, weight_decay=0.0)
+    learner = make_learner(policy, value_head, family, optimizer, accelerator)
     kl = KLControllerState(config.kl_init, config.kl_target, config.kl_horizon)
     run = _Run(0, kl, random.Random(config.seed), [])
+    main = accelerator.is_main_process
     if checkpoint is not None:
-        run = _restore(checkpoint, policy, value_head, optimizer)
-    elif work.exists():  # --overwrite: the old run's checkpoint goes
+        run = _restore(checkpoint, policy, value_head, learner.optimizer, accelerator.process_index)
+    elif work.exists() and main:  # --overwrite: the old run's checkpoint goes
         shutil.rmtree(work)
     resumed_from = run.step if checkpoint is not None else None
-    work.mkdir(parents=True, exist_ok=True)
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+    share = config.batch // accelerator.num_processes
+    here = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     start = time.time()
     with tqdm(total=config.steps, initial=run.step, desc=f"align ({method})", unit="step", file=sys.stderr,
-              disable=not progress) as bar:  # fmt: skip
+              disable=not (progress and main)) as bar:  # fmt: skip
         while run.step < config.steps:
+            # Every process draws the same layer and items from the same stream, and rolls out its own slice.
             layer = choose_exit_layer(run.rng, config)
-            batch = prepare_batch(model, family, loaded.processor, sample_items(run.rng, by_kind, config.batch), layer)
+            items_here = sample_items(run.rng, by_kind, config.batch)[here]
+            batch = prepare_batch(model, family, loaded.processor, items_here, layer)
             if method == "lppo":
+                # The unwrapped policy: generation and the reference (adapters disabled) train nothing.
                 roll = collect(policy, family, tokenizer, batch, reward, value_head,
                                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                top_k=config.top_k)  # fmt: skip
-                stats, run.kl = ppo_update(policy, value_head, optimizer, family, roll, run.kl, config)
+                stats, run.kl = ppo_step(learner, roll, run.kl, config)
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}")
             else:
-                stats = sft_update(policy, optimizer, family, tokenizer, batch, config)
+                stats = sft_step(learner, tokenizer, batch, config)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
             run.step += 1
             run.log.append({"step": run.step, "exit_layer": layer, **stats})
             bar.update(1)
             if config.checkpoint_every and (run.step % config.checkpoint_every == 0 or run.step == config.steps):
-                write_checkpoint(work, _state(run, policy, value_head, optimizer, identity))
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        seconds = round(time.time() - start, 1)
-        summary = _summary(run.log, method) | {"resumed_from": resumed_from, "seconds_this_run": seconds}
-        write_output(tmp, loaded, policy, value_head, run.log, identity, summary)
-    shutil.rmtree(work, ignore_errors=True)
+                state = _state(run, policy, value_head, learner.optimizer, identity)
+                if main:
+                    write_checkpoint(work, state)
+    if main:
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            seconds = round(time.time() - start, 1)
+            summary = _summary(run.log, method) | {"resumed_from": resumed_from, "seconds_this_run": seconds}
+            write_output(tmp, loaded, policy, value_head, run.log, identity, summary)
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        policy.merge_and_unload()
+    accelerator.wait_for_everyone()  # every process returns once the output is there
     return AlignResult(Path(output), method, config.steps, tuple(r["exit_layer"] for r in run.log), resumed_from,
                        run.log[-1])  # fmt: skip
 
