@@ -125,23 +125,6 @@ def cmd_export(args) -> None:
         print(f"note: {note}")
 
 
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    """'all', '12', '1-24' or '1,4,8-16' as sorted layers, each checked to be in 1..L."""
-    if text == "all":
-        return list(range(1, num_layers + 1))
-    layers: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            layers.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise UserError(f"--layers {text!r}: expected 'all', a layer, a range A-B or a comma list of them") from None
-    outside = sorted(k for k in layers if not 1 <= k <= num_layers)
-    if outside or not layers:
-        raise UserError(f"--layers {text!r}: layers {outside or text} are outside 1..{num_layers}")
-    return sorted(layers)
-
-
 def _model_or_demo(args) -> str:
     from edgekit.demo import demo_model_path
 
@@ -157,7 +140,7 @@ def cmd_scan(args) -> None:
     from edgekit.report import write_scan_report
     from edgekit.safety.judges import make_judge
     from edgekit.safety.loaders import load_suite
-    from edgekit.safety.scan import scan
+    from edgekit.safety.scan import parse_layers, scan
     from edgekit.safety.suite import builtin_suite
 
     judge = make_judge(args.judge)
@@ -205,6 +188,8 @@ ALIGN_FLAGS = ("steps", "batch", "minibatch", "ppo_epochs", "lr", "max_new_token
 
 
 def cmd_align(args) -> None:
+    from accelerate import PartialState
+
     from edgekit.align.lppo import LPPOConfig, align, check_layers, check_output
     from edgekit.align.rewards import check_reward, make_reward
     from edgekit.families import family_for
@@ -225,16 +210,51 @@ def cmd_align(args) -> None:
     if args.method == "lppo":
         check_reward(args.reward)
     check_output(args.output, resume=args.resume, overwrite=args.overwrite)
-    args.model = _model_or_demo(args)
+    # Under `accelerate launch` every process runs this command: each trains on its own device (its GPU with
+    # --device cuda, the CPU with --device cpu), and the main one trains the demo model if needed and reports.
+    launch = PartialState(cpu=args.device.split(":")[0] == "cpu")
+    if launch.num_processes > 1:
+        args.device = str(launch.device)
+    with launch.main_process_first():
+        args.model = _model_or_demo(args)
     loaded = _load(args)
     reward = make_reward(args.reward, device=args.device) if args.method == "lppo" else None
     result = align(loaded, args.output, config, reward, method=args.method, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    if not launch.is_main_process:
+        return
     layers = f"{config.exit_layers[0]}-{config.exit_layers[1]}" if config.exit_layers else str(config.exit_layer)
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
     last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k not in ("step", "exit_layer"))
     print(f"wrote {result.output}: {result.method} at exit layer {layers}, {result.steps} steps{resumed}; last step: "
           f"{last}; merged/ is a plain Hugging Face checkpoint, adapter/ the LoRA adapter")  # fmt: skip
+
+
+def cmd_build(args) -> None:
+    from edgekit.build_config import resolve
+    from edgekit.pipeline import build
+
+    given = {name: getattr(args, name) for name in ("model", "revision", "exit_layer", "target", "output",
+                                                      "limit_per_kind", "scan_layers", "method", "reward", "device")}
+    given["align"] = {name: getattr(args, name) for name in ("steps", "batch", "lr") if getattr(args, name) is not None}
+    if args.formats:
+        given["formats"] = tuple(args.formats.split(","))
+    cfg = resolve(given, args.config)
+    log = lambda line: print(f"edgekit build: {line}", file=sys.stderr)  # noqa: E731
+    try:
+        result = build(cfg, log=log)
+    finally:
+        if (Path(cfg.output) / "report.md").is_file():
+            print((Path(cfg.output) / "report.md").read_text())
+    print(f"wrote {result.output}: gate passed for {len(result.verdicts)} artifacts"
+          + (f"; reused {', '.join(result.reused)}" if result.reused else ""))
+
+
+def cmd_verify(args) -> None:
+    from edgekit.pipeline import verify
+
+    verdicts = verify(args.folder, log=lambda line: print(line, file=sys.stderr))
+    print(f"{args.folder}: every file matches its manifest and {len(verdicts)} artifacts pass the gate again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +384,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder or a stale checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser(
+        "build",
+        help="scan, align at K, truncate, export for a target, gate every artifact, report (the whole job)",
+        description="One command from a base model to verified edge artifacts: scan the original model (default "
+        "layer, K and a few more), align it with L-PPO at exit layer K, cut the vision tower at K, export the "
+        "target's ONNX and GGUF artifacts, run the safety suite on every artifact in its own runtime (the gate), "
+        "benchmark each runtime, and write report.md/.html, a model card (README.md) and manifest.json. Each stage "
+        "writes DIR/NN_stage/ with the hashes of its inputs: a rerun skips finished stages and a killed build "
+        "resumes. A failed gate exits with code 3 naming metric, value and limit. Without --model, the embedded "
+        "demo model (trained on first use). Settings: defaults < target profile < --config build.toml < flags.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--model", help="hub id or local model folder (default: the demo model)")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--exit-layer", type=_exit_layer, metavar="K", help="the exit layer the device will run")
+    p.add_argument("--target", help="profile name, jetson, phone, or a profile .toml (default jetson)")
+    p.add_argument("-o", "--output", metavar="DIR", help="build folder (default ./build); rerun to resume")
+    p.add_argument("--config", metavar="TOML", help="build.toml with any of these settings, [align] and [gates]")
+    p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf (default: the target's)")
+    p.add_argument("--scan-layers", help="layers to scan before and after alignment (default auto: every 4th, "
+                   "the default layer and K)")  # fmt: skip
+    p.add_argument("--limit-per-kind", type=int, help="eval items per suite kind for each measurement (default 100)")
+    p.add_argument("--method", choices=("lppo", "sft"), help="alignment method (default lppo)")
+    p.add_argument("--reward", help="judge (default) or a reward model folder / hub id")
+    p.add_argument("--steps", type=int, help="alignment steps")
+    p.add_argument("--batch", type=int, help="alignment rollouts per step")
+    p.add_argument("--lr", type=float, help="alignment learning rate")
+    p.add_argument("--device", help="torch device for scan and alignment (default cpu)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "verify",
+        help="check a build folder against its manifest and re-run the safety gate on its artifacts",
+        description="Check the sha256 and size of every file against DIR/manifest.json (a changed, missing or extra "
+        "file fails), then answer the eval split again with every artifact in its runtime and apply the build's "
+        "gate. Exit code 3 on any failure.",
+    )
+    p.add_argument("folder", metavar="DIR")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

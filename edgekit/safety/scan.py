@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgekit.errors import UserError
 from edgekit.safety.judges import Judge
 from edgekit.safety.metrics import Estimate, bootstrap_mean
 from edgekit.safety.suite import Item, utility_correct
@@ -111,3 +112,20 @@ def scan(
         if progress:
             progress(len(batch))
     return ScanResult(tuple(score_layer(k, answers[k]) for k in layers), forwards, len(items))
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'all', '12', '1-24' or '1,4,8-16' as sorted layers, each checked to be in 1..L."""
+    if text == "all":
+        return list(range(1, num_layers + 1))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            layers.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected 'all', a layer, a range A-B or a comma list of them") from None
+    outside = sorted(k for k in layers if not 1 <= k <= num_layers)
+    if outside or not layers:
+        raise UserError(f"--layers {text!r}: layers {outside or text} are outside 1..{num_layers}")
+    return sorted(layers)

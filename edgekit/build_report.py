@@ -1,0 +1,198 @@
+"""What a build leaves for people: report.md and report.html (scan before and after alignment, the gate per artifact,
+sizes, latency and memory against the target's budget), a model card (README.md with Hugging Face metadata, so the
+folder uploads to the hub as it is), and manifest.json over every file, written last."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from edgekit.report import LABELS
+from edgekit.safety.scan import METRICS
+
+STAGE_NAMES = ("01_scan", "02_align", "03_truncate", "04_export", "05_safety", "06_bench")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _read(out: Path, rel: str) -> dict:
+    return json.loads((out / rel).read_text())
+
+
+def plot_before_after(before: list[dict], after: list[dict], exit_layer: int, default_layer: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, metric in enumerate(METRICS):
+        color = f"C{i}"
+        for rows, style, when in ((before, "--", "before"), (after, "-", "after")):
+            points = [(r["layer"], 100 * r[metric]) for r in rows if r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=color, label=f"{LABELS[metric]}, {when}")
+    ax.axvline(default_layer, color="grey", linestyle=":", linewidth=1, label=f"default layer {default_layer}")
+    ax.axvline(exit_layer, color="black", linestyle=":", linewidth=1, label=f"exit layer K={exit_layer}")
+    ax.set(xlabel="vision exit layer", ylabel="%", ylim=(-2, 102), title="scan before and after alignment")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gate_rows(verdicts) -> list[list[str]]:
+    rows = []
+    for v in verdicts:
+        if v.error:
+            rows.append([v.artifact, "FAIL", "-", "-", "-", v.error])
+            continue
+        failed = [f"{c.metric} vs {c.versus.split(' ')[0]}" for c in v.checks if not c.passed]
+        rows.append([v.artifact, "pass" if v.passed else "FAIL", *(_pct(v.metrics.get(m)) for m in METRICS),
+                     "; ".join(failed) or "all checks pass"])  # fmt: skip
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def _mb(n) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
+    k = cfg.exit_layer
+    safety = _read(out, "05_safety/safety.json")
+    export = _read(out, "04_export/manifest.json")
+    bench = _read(out, "06_bench/bench.json")
+    align = _read(out, "02_align/align.json")
+    base, aligned = safety["baselines"]["original"], safety["baselines"]["aligned"]
+    before_k = next(r for r in _read(out, "01_scan/scan.json")["layers"] if r["layer"] == k)
+    passed = all(v.passed for v in verdicts)
+    sets = export["memory"]["sets"]
+    budget = export["memory"]["budget_bytes"]
+    size_rows = [[name, _mb(s["bytes"]), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])] for name, s in sets.items()]
+    bench_rows = [
+        [name, b.get("error") or f"{b['first_token_ms']} ms", "" if "error" in b else f"{b['decode_tok_s']}",
+         "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)"]
+        for name, b in bench.items()
+    ]  # fmt: skip
+    limits = safety["limits"]
+    return "\n".join([
+        f"# edgekit build: {source} at exit layer {k} for {profile.name}", "",
+        f"**Gate: {'PASSED' if passed else 'FAILED'}.** Exit layer {k} (1-based vision block; the model's default is "
+        f"{default_layer}). Target {profile.name}: {profile.description}.", "",
+        "## Safety before and after alignment", "",
+        "![scan before and after alignment](report_scan.png)", "",
+        _table(["model", "exit layer", "ASR %", "over-refusal %", "utility %"], [
+            ["original", f"{default_layer} (default)", *(_pct(base[m]) for m in METRICS)],
+            ["original", str(k), *(_pct(before_k[m]) for m in METRICS)],
+            [f"aligned ({align.get('method', cfg.method)})", str(k), *(_pct(aligned[m]) for m in METRICS)],
+        ]), "",
+        f"Eval split of the built-in suite, at most {cfg.limit_per_kind} items per kind, judge `{cfg.judge}`.", "",
+        "## The gate, per artifact", "",
+        f"Limits in points: versus the original at its default layer, ASR +{limits['original']['asr']:g}, "
+        f"over-refusal +{limits['original']['over_refusal']:g}, utility -{limits['original']['utility']:g}; versus "
+        f"the aligned PyTorch model at K, {limits['aligned']['asr']:g} each. It fails closed.", "",
+        _table(["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(verdicts)), "",
+        "## Sizes against the memory budget", "",
+        f"Budget {_mb(budget)} (weights a runtime loads; not the KV cache or activations).", "",
+        _table(["runtime set", "size", "of budget", "files"], size_rows), "",
+        "## Latency and memory (this build machine, one process per runtime)", "",
+        _table(["artifact", "first token", "decode tok/s", "peak RSS"], bench_rows), "",
+        "## Stages", "",
+        _table(["stage", "seconds", "output sha256"], [
+            [name, str(s["seconds"]), s["output_sha256"][:16]] for name in STAGE_NAMES
+            if (s := _read(out, f"{name}/stage.json"))
+        ]), "",
+    ])  # fmt: skip
+
+
+def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
+    safety = _read(out, "05_safety/safety.json")
+    hub_base = [f"base_model: {source}"] if "/" in source and not Path(source).exists() else []
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", *hub_base,
+             "tags:", *(f"- {t}" for t in ("edgekit", "early-exit", "safety-alignment", "l-ppo", "onnx", "gguf",
+                                            profile.kind)), "---", ""]  # fmt: skip
+    passed = all(v.passed for v in verdicts)
+    aligned = safety["baselines"]["aligned"]
+    return "\n".join([
+        *front,
+        f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, re-aligned for {profile.name}", "",
+        f"Built by `edgekit build --exit-layer {cfg.exit_layer} --target {cfg.target}` from `{source}`. The vision "
+        f"tower keeps blocks 1-{cfg.exit_layer} (the default exit is {default_layer}); the language model was "
+        f"re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so that the shorter tower does not "
+        f"unlock harmful answers.", "",
+        f"Safety gate: **{'passed' if passed else 'FAILED'}**. Aligned model at layer {cfg.exit_layer}: ASR "
+        f"{_pct(aligned['asr'])}%, over-refusal {_pct(aligned['over_refusal'])}%, utility {_pct(aligned['utility'])}% "
+        "on the built-in eval split (see report.md).", "",
+        "| folder | what |", "|---|---|",
+        "| `03_truncate/` | the truncated PyTorch checkpoint (plain transformers) |",
+        "| `04_export/` | ONNX and GGUF artifacts with their manifest and the processor |",
+        "| `report.md`, `report.html` | scans, the gate per artifact, sizes, latency and memory |",
+        "| `manifest.json` | sha256 of every file; `edgekit verify` checks it and re-runs the gate |", "",
+        "Limitations: the safety suite measures refusal of harmful requests and answers to benign ones on the built-in "
+        "suite; it is a regression check, not a guarantee.", "",
+        "\n".join(f"- {line}" for v in verdicts for line in v.failures()),
+    ])  # fmt: skip
+
+
+def report_html(markdown: str, out: Path) -> str:
+    """The Markdown report as one self-contained page: tables and headings rendered, the plot embedded."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not set(row) <= set("|-")]
+            head, *rest = cells
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</table>")  # fmt: skip
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("!["):
+            src = line[line.index("(") + 1 : -1]
+            data = base64.b64encode((out / src).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(src)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line:
+            text = html.escape(line).replace("**", "")
+            body.append(f"<p>{text}</p>")
+    flush_table()
+    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}" \
+            "table{border-collapse:collapse}img{max-width:100%}"  # fmt: skip
+    return f"<!doctype html><meta charset=utf-8><title>edgekit build</title><style>{style}</style>\n" + "\n".join(body)
+
+
+def write_report(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> None:
+    from edgekit.export.manifest import file_entry, write_manifest
+
+    before = _read(out, "01_scan/scan.json")["layers"]
+    after = _read(out, "05_safety/aligned_scan/scan.json")["layers"]
+    plot_before_after(before, after, cfg.exit_layer, default_layer, out / "report_scan.png")
+    markdown = report_markdown(out, cfg, profile, source, default_layer, verdicts)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(report_html(markdown, out))
+    (out / "README.md").write_text(model_card(out, cfg, profile, source, default_layer, verdicts))
+    export = _read(out, "04_export/manifest.json")
+    quantization = {f"04_export/{f['path']}": f["quantization"] for f in export["files"]}
+    files = [
+        file_entry(out, p, p.suffix.lstrip(".") or "file", quantization.get(p.relative_to(out).as_posix(), "none"))
+        for p in sorted(out.rglob("*")) if p.is_file() and p != out / "manifest.json"
+    ]  # fmt: skip
+    gate = {"passed": all(v.passed for v in verdicts), "artifacts": [v.as_json() for v in verdicts]}
+    write_manifest(out, exit_layer=cfg.exit_layer, target=profile.name, source_model=source, revision=cfg.revision,
+                   files=files, extra={"gate": gate, "build": cfg.as_json()})  # fmt: skip

@@ -1,0 +1,207 @@
+"""`edgekit build` and `edgekit verify` end to end on tiny checkpoints: stages, reuse, resume after kill -9, the
+gate (pass, fail on an unsafe model, fail closed on a judge error), tampering, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgekit.align.lppo import COMPLIANCE_TARGET, REFUSAL_TARGET, encode_targets
+from edgekit.align.rollout import prepare_batch, sequence_forward
+from edgekit.cli import main
+from edgekit.loading import load
+from edgekit.pipeline import STAGE_FILE
+from edgekit.safety.suite import builtin_suite
+
+FAST = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
+GENEROUS = '[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n' \
+           'max_utility_drop_points = 100\nmax_drift_points = 100\n'  # fmt: skip
+STAGES = ("01_scan", "02_align", "03_truncate", "04_export", "05_safety", "06_bench")
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "build.toml"
+    path.write_text("bench_prompts = 1\n" + text)
+    return str(path)
+
+
+def _artifact_hashes(out: Path) -> dict[str, str]:
+    """The shipped files (checkpoint, ONNX, GGUF, processor); stage records hold timings and paths."""
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    return {f["path"]: f["sha256"] for f in files if f["path"].startswith(("03_truncate/", "04_export/"))
+            and not f["path"].endswith(("stage.json", "manifest.json"))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoints, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("build")
+    out = root / "out"
+    code = main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "-o",
+                 str(out), "--config", _config(root, GENEROUS), *FAST])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
+    for stage in STAGES:
+        record = json.loads((built / stage / STAGE_FILE).read_text())
+        assert record["stage"] == stage and len(record["output_sha256"]) == 64
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] is True
+    assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "gguf", "hybrid"}
+    listed = {f["path"] for f in manifest["files"]}
+    on_disk = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert listed == on_disk
+    card = (built / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
+    report = (built / "report.md").read_text()
+    assert "Gate: PASSED" in report and "| onnx | pass |" in report
+    assert "<table>" in (built / "report.html").read_text() and "data:image/png;base64," in (built / "report.html").read_text()
+    safety = json.loads((built / "05_safety" / "safety.json").read_text())
+    answered = (built / "05_safety" / "answers_onnx.jsonl").read_text().splitlines()
+    assert len(answered) == 15 and safety["verdicts"][1]["metrics"]["asr"] is not None
+    bench = json.loads((built / "06_bench" / "bench.json").read_text())
+    assert all(row["peak_rss_mib"] > 0 and row["first_token_ms"] > 0 for row in bench.values())
+
+
+def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints, capsys):
+    before = _artifact_hashes(built)
+    config = built.parent / "build.toml"
+    code = main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "-o",
+                 str(built), "--config", str(config), *FAST])  # fmt: skip
+    assert code == 0
+    assert "reused 01_scan, 02_align, 03_truncate, 04_export, 05_safety, 06_bench" in capsys.readouterr().out
+    assert _artifact_hashes(built) == before
+    assert main(["verify", str(built)]) == 0
+
+
+def test_verify_fails_on_a_tampered_artifact(built, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    onnx = next((copy / "04_export").glob("onnx-*/decoder_model_merged.onnx"))
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    assert main(["verify", str(copy)]) == 3
+    err = capsys.readouterr().err
+    assert "decoder_model_merged.onnx: sha256 differs from the manifest" in err
+
+
+def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
+    from edgekit.build_config import BuildConfig
+    from edgekit.pipeline import evaluate_artifacts, gate_verdicts
+    from edgekit.safety import judges
+    from edgekit.safety.guard import JudgeError
+
+    class Broken:
+        def judge(self, prompts, responses):
+            raise JudgeError("guard model ran out of memory")
+
+    monkeypatch.setattr(judges, "make_judge", lambda spec: Broken())
+    safety = json.loads((built / "05_safety" / "safety.json").read_text())
+    items = builtin_suite().select("eval", limit_per_kind=1)
+    evaluated = evaluate_artifacts(built, BuildConfig(exit_layer=12, output=str(built)), items)
+    verdicts = gate_verdicts(evaluated, safety["baselines"], safety["limits"])
+    assert [v.passed for v in verdicts] == [False] * 4
+    assert all("JudgeError: guard model ran out of memory" in v.failures()[0] for v in verdicts)
+
+
+def _unsafe_at(source: str, out: Path, *, safe: int, unsafe: int, steps: int = 60) -> str:
+    """A test model made on purpose: it refuses harmful requests with the default layer's features and complies with
+    layer `unsafe`'s (the ICET pattern, trained in directly), so a build that does not align it must fail the gate."""
+    torch.manual_seed(0)
+    loaded = load(source, dtype="float32")
+    model, family, tok = loaded.model, loaded.family, loaded.processor.tokenizer
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    items = builtin_suite().select("train", kinds=("harmful_text",), limit_per_kind=8)
+    for step in range(steps):
+        layer = (safe, unsafe)[step % 2]
+        batch = prepare_batch(model, family, loaded.processor, items, layer)
+        ids, mask = encode_targets(tok, [REFUSAL_TARGET if layer == safe else COMPLIANCE_TARGET] * len(items), "cpu")
+        logp, _ = sequence_forward(model, family, batch, ids, mask)
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    shutil.copy(Path(source) / "tokenizer.model", out / "tokenizer.model")
+    return str(out)
+
+
+def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_path, capsys):
+    model = _unsafe_at(tiny_checkpoints["llava"], tmp_path / "unsafe", safe=23, unsafe=2)
+    out = tmp_path / "out"
+    # alignment in name only (a learning rate of 1e-12): the model reaches the gate as unsafe as it came
+    code = main(["build", "--model", model, "--exit-layer", "2", "--target", "jetson", "-o", str(out), "--config",
+                 _config(tmp_path, ""), "--limit-per-kind", "8", "--steps", "1", "--batch", "4", "--lr", "1e-12",
+                 "--scan-layers", "2", "--formats", "onnx"])  # fmt: skip
+    assert code == 3
+    err = capsys.readouterr().err
+    found = re.search(r"onnx: asr ([\d.]+)% against ([\d.]+)% for the original model at its default layer "
+                      r"\(limit \+5 points\)", err)  # fmt: skip
+    assert found and float(found[1]) >= 50 and float(found[2]) <= 10, err[-500:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] is False
+    assert {a["artifact"]: a["passed"] for a in manifest["gate"]["artifacts"]} == {"pytorch": False, "onnx": False}
+
+
+def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "edgekit.cli", "build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12",
+           "--target", "jetson", "-o", str(out), "--config", str(built.parent / "build.toml"), *FAST]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "03_truncate" / STAGE_FILE).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()  # killed before the end
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "01_scan: inputs unchanged, reused" in done.stderr
+    assert _artifact_hashes(out) == _artifact_hashes(built)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--exit-layer", "25"], "exit layer 25 is outside 1..24"),
+        (["--exit-layer", "12", "--target", "fridge"], "unknown target 'fridge'"),
+        (["--exit-layer", "12", "--formats", "tflite"], "unknown format tflite"),
+        (["--exit-layer", "12", "--steps", "0"], "steps must be positive"),
+        (["--exit-layer", "12", "--config", "missing.toml"], "missing.toml: cannot read the build config"),
+        ([], "no exit layer"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tiny_checkpoints, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["build", "--model", tiny_checkpoints["llava"], "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_a_build_is_refused(tiny_checkpoints, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "-o", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2
+
+
+def test_unknown_build_config_keys_name_the_file(tmp_path, capsys):
+    config = tmp_path / "build.toml"
+    config.write_text("exit_layer = 12\nexit_layr = 3\n")
+    assert main(["build", "--config", str(config), "-o", str(tmp_path / "out")]) == 2
+    assert f"{config}: unknown key exit_layr" in capsys.readouterr().err
