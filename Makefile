@@ -19,12 +19,10 @@ test: .venv/.installed
 test-slow: .venv/.installed
 	$(PY) -m pytest -q -m slow
 
-# Until the demo model and `edgekit build` land: a tiny LLaVA-1.5 checkpoint, inspected and cut at layer 12.
+# The main job on the embedded demo model (trained on first use, then cached): scan, align at 12, truncate, export
+# for the Jetson Orin Nano profile, the safety gate on every artifact, benchmarks, report. Rerunning reuses stages.
 demo: .venv/.installed
-	.venv/bin/edgekit tiny llava -o out/tiny-llava --overwrite
-	.venv/bin/edgekit inspect out/tiny-llava --exit-layer 12
-	.venv/bin/edgekit truncate out/tiny-llava --exit-layer 12 -o out/tiny-llava-exit12 --overwrite
-	.venv/bin/edgekit inspect out/tiny-llava-exit12
+	.venv/bin/edgekit build --exit-layer 12 --target jetson -o out/demo-build
 
 clean:
 	rm -rf .venv out

@@ -106,7 +106,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     from edgekit.safety.judges import make_judge
     from edgekit.safety.suite import builtin_suite
 
-    out = Path(cfg.output)
+    out = Path(cfg.output).resolve()
     profile = load_profile(cfg.target)
     make_judge(cfg.judge)  # an unknown judge is a user error before anything runs
     num_layers, default_layer = check_request(cfg, profile)
@@ -369,7 +369,7 @@ def verify(out: str | Path, log: Callable[[str], None] = print) -> tuple:
     from edgekit.export.manifest import verify_hashes
     from edgekit.safety.suite import builtin_suite
 
-    out = Path(out)
+    out = Path(out).resolve()
     if not (out / BUILD_MARK).is_file() or not (out / "manifest.json").is_file():
         raise UserError(f"{out}: not a finished edgekit build folder (no {BUILD_MARK} or manifest.json)")
     problems = verify_hashes(out)

@@ -244,3 +244,11 @@ def test_target_profile_is_checked():
         dataclasses.replace(base, onnx_quantization="int4")
     with pytest.raises(UserError, match="GGUF quantization 'q3'"):
         TargetProfile(**{**dataclasses.asdict(base), "gates": base.gates, "gguf_quantization": "q3"})
+
+
+def test_export_into_a_relative_folder(tiny_checkpoints, tmp_path, monkeypatch):
+    """Output paths relative to the working folder (as `make demo` passes them) reach the manifest intact."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "--formats", "onnx",
+                 "-o", "rel/out"]) == 0  # fmt: skip
+    assert verify_hashes(tmp_path / "rel" / "out") == []
