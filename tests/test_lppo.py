@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import processor_inputs
 from safetensors.torch import load_file
 
@@ -21,8 +22,9 @@ from edgekit.align.lppo import (
     LPPOConfig,
     align,
     choose_exit_layer,
+    make_learner,
     make_policy,
-    ppo_update,
+    ppo_step,
     sample_items,
     training_items,
     work_dir,
@@ -174,11 +176,12 @@ def test_reference_shares_weights_and_only_lora_and_value_head_train(llava):
     trainable = {_base_name(n) for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and "language_model" in n for n in trainable)
     kl = KLControllerState(0.2, 3.0, 10000)
+    learner = make_learner(policy, value_head, family, optimizer, Accelerator(device_placement=False))
     for seed in (1, 2):
         batch = prepare_batch(model, family, processor, _items(seed=seed), K)
         roll = collect(policy, family, processor.tokenizer, batch, JudgeReward(), value_head, max_new_tokens=6,
                        temperature=0.7, top_k=0)  # fmt: skip
-        _, kl = ppo_update(policy, value_head, optimizer, family, roll, kl, config)
+        _, kl = ppo_step(learner, roll, kl, config)
 
     lora_changed = False
     for name, p in model.named_parameters():

@@ -298,15 +298,6 @@ def ppo_step(learner: Learner, roll: Rollout, kl: KLControllerState, config: LPP
     return stats, update_kl_coef(kl, sequence_kl, n_steps=config.batch)
 
 
-def ppo_update(policy, value_head, optimizer, family, roll: Rollout, kl: KLControllerState, config: LPPOConfig
-               ) -> tuple[dict[str, float], KLControllerState]:  # fmt: skip
-    """`ppo_step` on plain objects: this process's policy, value head and optimizer, prepared here."""
-    from accelerate import Accelerator
-
-    return ppo_step(make_learner(policy, value_head, family, optimizer, Accelerator(device_placement=False)), roll, kl,
-                    config)  # fmt: skip
-
-
 def sft_step(learner: Learner, tokenizer, batch: Batch, config: LPPOConfig) -> dict[str, float]:
     """One step of cross-entropy on the reference targets, conditioned on the batch's exit-layer features."""
     ids, mask = encode_targets(tokenizer, [sft_target(i) for i in batch.items], batch.inputs["input_ids"].device)
