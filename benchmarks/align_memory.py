@@ -5,12 +5,19 @@
 Inference: batched greedy generation at the exit layer. Alignment: a few L-PPO steps with the same batch and new
 tokens. Peak = VmHWM of the process, read at its end. Without MODEL a random LLaVA-1.5 is built (`--size mid`:
 the 115M-parameter model of export_bench.py), so the weights, not the Python runtime, dominate.
+
+Both are measured with glibc's default malloc, and with `MALLOC_MMAP_THRESHOLD_` fixed at 256 KiB, which hands every
+large tensor back to the system when it is freed. The default's threshold adapts upwards after the first frees, so
+later tensors come from the heap, where freed holes between live tensors still count as resident: the recomputed
+layers (activation checkpointing) leave such holes. The fixed threshold shows what the tensors themselves need. A last
+row keeps the activations instead of recomputing them (`recompute_activations=False`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +30,7 @@ from edgekit.loading import load
 from edgekit.safety.scan import chat_inputs
 from edgekit.safety.suite import builtin_suite
 from edgekit.surgery import set_exit_layer
-mode, model, k, batch, new_tokens, steps = sys.argv[1:7]
+mode, model, k, batch, new_tokens, steps, recompute = sys.argv[1:8]
 k, batch, new_tokens, steps = int(k), int(batch), int(new_tokens), int(steps)
 loaded = load(model, dtype="float32")
 if mode == "inference":
@@ -38,17 +45,23 @@ else:
     from edgekit.align.lppo import LPPOConfig, align
     from edgekit.align.rewards import make_reward
     config = LPPOConfig(exit_layer=k, steps=steps, batch=batch, minibatch=batch // 2, max_new_tokens=new_tokens,
-                        checkpoint_every=0)
+                        checkpoint_every=0, recompute_activations=recompute == "1")
     align(loaded, tempfile.mkdtemp() + "/out", config, make_reward("judge"), progress=False)
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"peak_rss_mib": peak / 1024}))
 """
 
 
-def measure(mode: str, model: str, args) -> float:
+GLIBC, FIXED = {}, {"MALLOC_MMAP_THRESHOLD_": "262144"}
+# (allocator, its environment, whether alignment recomputes activations)
+RUNS = [("glibc default", GLIBC, True), ("MALLOC_MMAP_THRESHOLD_=262144", FIXED, True),
+        ("glibc default, activations kept", GLIBC, False)]  # fmt: skip
+
+
+def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = True) -> float:
     cmd = [sys.executable, "-c", CHILD, mode, model, str(args.exit_layer), str(args.batch), str(args.new_tokens),
-           str(args.steps)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+           str(args.steps), str(int(recompute))]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ | env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
 
 
@@ -75,16 +88,22 @@ def main() -> None:
 
             save_tiny(*build_tiny("llava", MID_SIZES), folder)
         model = str(folder)
-    inference = measure("inference", model, args)
-    alignment = measure("align", model, args)
+    rows, inference = [], {}
+    for allocator, env, recompute in RUNS:
+        key = tuple(env.items())
+        inference[key] = inference.get(key) or measure("inference", model, args, env)
+        alignment = measure("align", model, args, env, recompute)
+        rows.append({"allocator": allocator, "recompute_activations": recompute,
+                     "inference_peak_rss_mib": inference[key], "align_peak_rss_mib": alignment,
+                     "ratio": alignment / inference[key]})  # fmt: skip
     result = {"model": model, "size": args.size if args.model is None else None, "exit_layer": args.exit_layer,
-              "batch": args.batch, "new_tokens": args.new_tokens, "steps": args.steps,
-              "inference_peak_rss_mib": inference, "align_peak_rss_mib": alignment, "ratio": alignment / inference}  # fmt: skip
+              "batch": args.batch, "new_tokens": args.new_tokens, "steps": args.steps, "runs": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("| process | peak RSS MiB |\n|---|---|")
-    print(f"| inference (greedy generate at exit {args.exit_layer}) | {inference:.0f} |")
-    print(f"| L-PPO ({args.steps} steps, batch {args.batch}) | {alignment:.0f} |")
-    print(f"\nalignment / inference = {result['ratio']:.2f}x")
+    print(f"| allocator | inference (greedy, exit {args.exit_layer}) MiB | L-PPO ({args.steps} steps, batch "
+          f"{args.batch}) MiB | ratio |\n|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        print(f"| {r['allocator']} | {r['inference_peak_rss_mib']:.0f} | {r['align_peak_rss_mib']:.0f} | "
+              f"{r['ratio']:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

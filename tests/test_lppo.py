@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from edgekit.align.lppo import (
     LPPOConfig,
+    PolicyValue,
     align,
     choose_exit_layer,
     make_learner,
@@ -242,6 +243,44 @@ def test_rollout_logprobs_are_the_samplers_and_a_fresh_forwards(llava):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     loss = clipped_policy_loss(logp, roll.logp[rows], torch.randn_like(logp), mask[rows], 0.2)
     assert float(loss.clipfrac) == 0.0
+
+
+@pytest.mark.parametrize("family_name", ["llava", "mllama"])
+def test_recomputed_activations_give_the_same_log_probs_and_gradients_from_far_fewer_saved_tensors(
+    tiny_checkpoints, family_name
+):
+    loaded = load(tiny_checkpoints[family_name])
+    model, family, tok = loaded.model, loaded.family, loaded.processor.tokenizer
+    torch.manual_seed(0)
+    policy = make_policy(model, LPPOConfig(exit_layer=K, **TINY))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = prepare_batch(model, family, loaded.processor, _items(4, seed=5), K)
+    value_head = ValueHead(model.config.get_text_config().hidden_size)
+    roll = collect(policy, family, tok, batch, JudgeReward(), value_head, max_new_tokens=6, temperature=0.7, top_k=0)
+    ids, mask = roll.responses.ids, roll.responses.mask
+
+    def trained_forward(recompute: bool):
+        saved = []
+        for p in policy.parameters():
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            if recompute:
+                logp, values = PolicyValue(policy, family, value_head)(batch, ids, mask, temperature=0.7)
+            else:
+                logp, values = sequence_forward(model, family, batch, ids, mask, temperature=0.7, value_head=value_head)
+        (logp[mask].sum() + values[mask].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logp.detach(), grads, sum(saved)
+
+    logp, grads, kept = trained_forward(recompute=False)
+    logp_r, grads_r, kept_r = trained_forward(recompute=True)
+    assert torch.equal(logp_r, logp) and torch.equal(logp_r[mask], roll.logp[mask])  # the rollout's, bit for bit
+    assert grads_r.keys() == grads.keys() and all(torch.equal(grads_r[n], grads[n]) for n in grads)
+    assert kept_r < kept / 4, (kept_r, kept)  # each layer kept its input only
+    assert not any(m.training for m in model.modules())  # every module back in eval mode
 
 
 # --- the whole run ---------------------------------------------------------------------------------------------

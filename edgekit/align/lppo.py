@@ -30,7 +30,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class LPPOConfig:
     max_grad_norm: float = 0.5
     lora_r: int = 8
     lora_alpha: int = 16
+    recompute_activations: bool = True  # activation checkpointing in trained forwards: less memory, more compute
 
     def __post_init__(self):
         if self.exit_layers is not None:
@@ -118,6 +120,8 @@ class LPPOConfig:
             raise UserError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.kl_target is not None and not self.kl_target > 0:
             raise UserError(f"kl_target must be positive (or None for a fixed coefficient), got {self.kl_target}")
+        if not isinstance(self.recompute_activations, bool):
+            raise UserError(f"recompute_activations must be true or false, got {self.recompute_activations!r}")
         if self.exit_layers is not None:
             low, high = self.exit_layers
             if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
@@ -214,7 +218,28 @@ def make_policy(model, config: LPPOConfig):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
     policy = get_peft_model(model, lora)
     policy.eval()  # no dropout anywhere: the ratio at the first PPO epoch must be exactly the rollout's
+    if config.recompute_activations:
+        model.activation_checkpointing_enable()  # takes effect only inside `recomputed_layers`
     return policy
+
+
+@contextmanager
+def recomputed_layers(model) -> Iterator[None]:
+    """Activation checkpointing for one trained forward: each decoder layer keeps only its input, and the backward
+    recomputes the rest, so training memory stays near inference's (the prompt's image tokens dominate it).
+
+    transformers checkpoints a layer only while the layer is in training mode; the layers alone are switched, so
+    their submodules stay in eval mode and no dropout runs: the recomputed forward is the rollout's, number for number."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 def trainable(policy, value_head) -> list[torch.nn.Parameter]:
@@ -230,8 +255,9 @@ class PolicyValue(torch.nn.Module):
         self.policy, self.value_head, self.family = policy, value_head, family
 
     def forward(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0):
-        return sequence_forward(self.policy.get_base_model(), self.family, batch, ids, mask, temperature=temperature,
-                                value_head=self.value_head)  # fmt: skip
+        with recomputed_layers(self.policy):
+            return sequence_forward(self.policy.get_base_model(), self.family, batch, ids, mask,
+                                    temperature=temperature, value_head=self.value_head)  # fmt: skip
 
 
 @dataclass(frozen=True)
