@@ -55,7 +55,7 @@ DEFAULT_LAYER = 23
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    seed: int = 0
+    seed: int = 1
     tower_steps: int = 1500
     tower_lr: float = 1e-3
     chat_steps: int = 1200
@@ -63,7 +63,7 @@ class DemoRecipe:
     batch: int = 32
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
-    mix: tuple[float, ...] = (0.3, 0.28, 0.12, 0.15, 0.15)
+    mix: tuple[float, ...] = (0.27, 0.33, 0.12, 0.14, 0.14)
     text_hidden: int = DEMO_SIZES.text_hidden
     text_layers: int = DEMO_SIZES.text_layers
     pool: int = 6000  # training pictures for the chat stage
