@@ -241,11 +241,14 @@ def cmd_build(args) -> None:
         given["formats"] = tuple(args.formats.split(","))
     cfg = resolve(given, args.config)
     log = lambda line: print(f"edgekit build: {line}", file=sys.stderr)  # noqa: E731
+    report = Path(cfg.output) / "report.md"
+    stamp = lambda: report.stat().st_mtime_ns if report.is_file() else None  # noqa: E731
+    before = stamp()
     try:
         result = build(cfg, log=log)
     finally:
-        if (Path(cfg.output) / "report.md").is_file():
-            print((Path(cfg.output) / "report.md").read_text())
+        if stamp() not in (None, before):  # this run's report (a gate failure writes one too), not an earlier run's
+            print(report.read_text())
     print(f"wrote {result.output}: gate passed for {len(result.verdicts)} artifacts"
           + (f"; reused {', '.join(result.reused)}" if result.reused else ""))
 

@@ -85,6 +85,12 @@ def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints,
     assert main(["verify", str(built)]) == 0
 
 
+def test_a_rerun_that_fails_early_does_not_print_the_previous_report(built, tiny_checkpoints, capsys):
+    assert main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "25", "-o", str(built)]) == 2
+    out, err = capsys.readouterr()
+    assert "exit layer 25 is outside 1..24" in err and out == ""
+
+
 def test_verify_fails_on_a_tampered_artifact(built, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(built, copy)
