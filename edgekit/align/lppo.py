@@ -24,6 +24,7 @@ single-process run, number for number.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +282,24 @@ def _step(learner: Learner, loss: torch.Tensor, max_grad_norm: float) -> None:
     learner.accelerator.backward(loss)
     learner.accelerator.clip_grad_norm_(learner.module.parameters(), max_grad_norm)  # frozen ones have no gradient
     learner.optimizer.step()
+    _release_freed_heap()
+
+
+@cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_heap() -> None:
+    """Give the pages of freed CPU tensors back to the system after each update. glibc keeps them in its heap, where
+    holes between live tensors still count as resident; each recomputed layer leaves such holes, and without this
+    the process's peak grows with every minibatch (1.8 GiB against 1.5 GiB in benchmarks/align_memory.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _whiten_everywhere(accelerator, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
