@@ -47,7 +47,8 @@ def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int
 
 def markdown(runs: dict[str, dict]) -> str:
     layers = [r["layer"] for r in runs["before"]["layers"]]
-    lines = ["| run | " + " | ".join(f"L{k} ASR / OR / util %" for k in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    header = "| run | " + " | ".join(f"L{k} ASR / OR / util %" for k in layers) + " |"
+    lines = [header, "|---" * (len(layers) + 1) + "|"]
     for name, run_ in runs.items():
         cells = [" / ".join(f"{100 * r[m]:.1f}" for m in METRICS) for r in run_["layers"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

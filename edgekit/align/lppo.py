@@ -231,7 +231,7 @@ def recomputed_layers(model) -> Iterator[None]:
     recomputes the rest, so training memory stays near inference's (the prompt's image tokens dominate it).
 
     transformers checkpoints a layer only while the layer is in training mode; the layers alone are switched, so
-    their submodules stay in eval mode and no dropout runs: the recomputed forward is the rollout's, number for number."""
+    their submodules stay in eval mode and no dropout runs: the recomputed forward is the rollout's, bit for bit."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
