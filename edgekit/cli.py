@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each language-model layer's activations in the backward instead of keeping them: "
-                   "memory near inference's for about a third more training compute (default on)")  # fmt: skip
+                   "memory near inference's, for a second forward through each layer in the backward (default on)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder or a stale checkpoint")
