@@ -183,6 +183,8 @@ def _exit_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected a range A-B of exit layers, e.g. 3-5, got {text!r}") from None
 
 
+JUDGE_HELP = ("refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack "
+              "success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")  # fmt: skip
 ALIGN_FLAGS = ("steps", "batch", "minibatch", "ppo_epochs", "lr", "max_new_tokens", "temperature", "top_k", "kl_init",
                "kl_target", "checkpoint_every", "seed", "recompute_activations")  # fmt: skip
 
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="builtin", help="'builtin' (eval split) or a suite file: JSONL {prompt, label, "
                    "image?}, AdvBench / JailbreakV-28K / XSTest CSV, MM-SafetyBench JSON")  # fmt: skip
     p.add_argument("--images", help="folder of your own benign images for text-only suites")
-    p.add_argument("--judge", default="refusal", help="refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")
+    p.add_argument("--judge", default="refusal", help=JUDGE_HELP)
     p.add_argument("--limit-per-kind", type=int, help="at most this many items of each kind")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         'row, in order: {"label": "refusal" | "compliance", "score": float} (score: how likely a refusal).',
     )
     p.add_argument("file", help="JSONL or CSV of prompt/response pairs")
-    p.add_argument("--judge", default="refusal", help="refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")
+    p.add_argument("--judge", default="refusal", help=JUDGE_HELP)
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser(
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction,
                    help="recompute each language-model layer's activations in the backward instead of keeping them: "
-                   "memory near inference's, for a second forward through each layer in the backward (default on)")  # fmt: skip
+                   "memory near inference's, for a second forward through each layer (default on)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder or a stale checkpoint")
