@@ -30,9 +30,9 @@ from edgekit.safety.suite import builtin_suite
 from edgekit.surgery import num_exit_layers
 
 
-def scan_model(folder, layers: list[int]) -> list[dict]:
+def scan_model(loaded, layers: list[int]) -> list[dict]:
     items = builtin_suite().select("eval", limit_per_kind=100)
-    return scan_rows(scan(load(folder, dtype="float32"), items, layers, RefusalJudge(), max_new_tokens=24))
+    return scan_rows(scan(loaded, items, layers, RefusalJudge(), max_new_tokens=24))
 
 
 def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int], work: Path) -> dict:
@@ -41,8 +41,9 @@ def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int
     result = align(load(model, dtype="float32"), work / name, config, JudgeReward() if method == "lppo" else None,
                    method=method, progress=False)  # fmt: skip
     seconds = time.time() - start
+    aligned = load(work / name / "merged", dtype="float32")
     return {"method": method, "exit_layers": list(config.layers), "align_seconds": round(seconds, 1),
-            "last": result.last, "layers": scan_model(work / name / "merged", layers)}  # fmt: skip
+            "last": result.last, "layers": scan_model(aligned, layers)}  # fmt: skip
 
 
 def markdown(runs: dict[str, dict]) -> str:
@@ -95,14 +96,15 @@ def main() -> None:
         from edgekit.demo import demo_model_path
 
         args.model = str(demo_model_path())
-    layers = parse_layers(args.layers, num_exit_layers(load(args.model).model))
+    original = load(args.model, dtype="float32")
+    layers = parse_layers(args.layers, num_exit_layers(original.model))
     low, high = map(int, args.range.split("-"))
-    work = Path(tempfile.mkdtemp())
-    runs = {"before": {"layers": scan_model(args.model, layers)}}
-    for method in ("lppo", "sft"):
-        for name, span in ((f"{method} @{args.exit_layer}", None), (f"{method} @{low}-{high}", (low, high))):
-            config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=span, steps=args.steps)
-            runs[name] = run(args.model, name.replace(" @", "-"), config, method, layers, work)
+    runs = {"before": {"layers": scan_model(original, layers)}}
+    with tempfile.TemporaryDirectory() as work:
+        for method in ("lppo", "sft"):
+            for name, span in ((f"{method} @{args.exit_layer}", None), (f"{method} @{low}-{high}", (low, high))):
+                config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=span, steps=args.steps)
+                runs[name] = run(args.model, name.replace(" @", "-"), config, method, layers, Path(work))
     Path(args.out).write_text(json.dumps({"model": args.model, "steps": args.steps, "runs": runs}, indent=1))
     print(markdown(runs))
     if args.plot:
