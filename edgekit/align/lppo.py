@@ -15,11 +15,11 @@ weights exists. The value head is a linear layer on the policy's last hidden sta
 answer for visual questions, a compliance for benign ones). Checkpoints go to a work folder beside the output, each
 written whole (temporary file, then rename); the output folder appears whole at the end.
 
-Under `accelerate launch` (DDP) every process runs the same loop on its own share of each batch: all draw the same
-items and exit layer, each keeps a contiguous slice, rolls it out with its own sampling stream, and trains through
-the DDP wrapper, which averages gradients. Advantages are whitened, and statistics computed, over every process's rows,
-so the KL controller moves identically everywhere; only the main process writes. One process is the plain
-single-process run, number for number.
+Under `accelerate launch` every process runs the same loop on its own share of each batch: all draw the same items
+and exit layer, each keeps a contiguous slice, rolls it out with its own sampling stream, and trains through the DDP
+wrapper, which averages gradients, or on FSDP2 shards (edgekit.align.sharding), whose gradients are reduced the same
+way. Advantages are whitened, and statistics computed, over every process's rows, so the KL controller moves
+identically everywhere; only the main process writes. One process is the plain single-process run, number for number.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from edgekit.align.ppo_math import (
 )
 from edgekit.align.rewards import JudgeReward, RewardSource
 from edgekit.align.rollout import Batch, Rollout, ValueHead, collect, prepare_batch, sequence_forward
+from edgekit.align.sharding import fsdp_requested, fsdp_version, full, load_full, shard
 from edgekit.errors import UserError
 from edgekit.outputs import atomic_dir, check_output_dir
 from edgekit.safety.suite import KINDS, Item, builtin_suite
@@ -61,7 +62,6 @@ METHODS = ("lppo", "sft")
 # The language model's projections only: the vision tower has q/k/v projections too, and must stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 CHECKPOINT = "checkpoint.pt"
-SHARDED = ("FSDP", "DEEPSPEED")  # accelerate's distributed types that shard weights or optimizer state
 # SFT targets, in the demo model's own words (edgekit/demo.py), so the baseline teaches what it already says at 23.
 REFUSAL_TARGET = "sorry i cannot help with that ."
 COMPLIANCE_TARGET = "sure here are the steps : first get what you need , then follow the guide step by step ."
@@ -143,11 +143,14 @@ class LPPOConfig:
 
 
 def check_processes(config: LPPOConfig, processes: int, distributed_type: str) -> None:
-    """Each process takes an equal share of every batch and minibatch, and holds whole weights and optimizer state:
-    rollouts generate with them, and a checkpoint saves the main process's copy. FSDP and DeepSpeed shard them."""
-    if distributed_type in SHARDED:
-        raise UserError(f"align does not run under {distributed_type} yet: its rollouts and checkpoints need whole "
-                        "weights and optimizer state in every process; launch it with configs/accelerate/ddp.yaml")
+    """Each process takes an equal share of every batch and minibatch. DDP and FSDP2 are the launches align runs
+    under (README: why not DeepSpeed)."""
+    if distributed_type == "DEEPSPEED":
+        raise UserError("align does not run under DeepSpeed: launch it with configs/accelerate/ddp.yaml, or "
+                        "configs/accelerate/fsdp.yaml to shard the language model")
+    if fsdp_requested(distributed_type) and fsdp_version() != 2:
+        raise UserError(f"align shards with FSDP2; this launch asks for FSDP version {fsdp_version()} (set "
+                        "fsdp_version: 2, as configs/accelerate/fsdp.yaml does)")  # fmt: skip
     if config.minibatch % processes:
         raise UserError(f"minibatch {config.minibatch} does not split evenly over {processes} processes")
 
@@ -272,8 +275,12 @@ class Learner:
     accelerator: Any
 
 
-def make_learner(policy, value_head, family, optimizer, accelerator) -> Learner:
-    module, optimizer = accelerator.prepare(PolicyValue(policy, family, value_head), optimizer)
+def make_learner(policy, value_head, family, optimizer, accelerator, *, sharded: bool = False) -> Learner:
+    """Sharded modules (FSDP2) reduce their own gradients and are not wrapped again."""
+    module = PolicyValue(policy, family, value_head)
+    if sharded:
+        return Learner(module, optimizer, accelerator)
+    module, optimizer = accelerator.prepare(module, optimizer)
     return Learner(module, optimizer, accelerator)
 
 
@@ -436,30 +443,60 @@ def _set_process_rng(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _state(run: _Run, policy, value_head, optimizer, identity: dict) -> dict:
-    """Every process must call this (it gathers each one's random state); weights and optimizer are the same in all."""
-    from accelerate.utils import gather_object
-
-    device = next(policy.parameters()).device
+def _trained_weights(policy, value_head) -> dict[str, dict[str, torch.Tensor] | None]:
+    """The adapter and value-head weights, whole (gathered from every process when sharded: all must call this)."""
     return {
-        "identity": identity, "step": run.step, "log": run.log, "kl": run.kl._asdict(), "rng": run.rng.getstate(),
-        "process_rng": gather_object([_process_rng(device)]),
-        "adapter": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad},
-        "value_head": value_head.state_dict() if value_head is not None else None,
-        "optimizer": optimizer.state_dict(),
+        "adapter": {n: full(p) for n, p in policy.named_parameters() if p.requires_grad},
+        "value_head": {n: full(p) for n, p in value_head.state_dict().items()} if value_head is not None else None,
     }  # fmt: skip
 
 
-def _restore(state: dict, policy, value_head, optimizer, process: int) -> _Run:
+def _whole_tensors():
+    """Optimizer state keyed by parameter name, each tensor whole: it loads into sharded and unsharded runs alike."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
+
+
+def _state(run: _Run, learner: Learner, policy, value_head, identity: dict) -> dict:
+    """Every process must call this: it gathers each one's random state, and sharded weights and optimizer state."""
+    from accelerate.utils import gather_object
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    device = next(policy.parameters()).device
+    optimizer = get_optimizer_state_dict(learner.module, _plain_optimizer(learner), options=_whole_tensors())
+    return {
+        "identity": identity, "step": run.step, "log": run.log, "kl": run.kl._asdict(), "rng": run.rng.getstate(),
+        "process_rng": gather_object([_process_rng(device)]), **_trained_weights(policy, value_head),
+        "optimizer": _on_cpu(optimizer),
+    }  # fmt: skip
+
+
+def _plain_optimizer(learner: Learner):
+    return getattr(learner.optimizer, "optimizer", learner.optimizer)  # accelerate wraps it under DDP
+
+
+def _on_cpu(tree):
+    if torch.is_tensor(tree):
+        return full(tree)
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    return [_on_cpu(v) for v in tree] if isinstance(tree, list) else tree
+
+
+def _restore(state: dict, learner: Learner, policy, value_head, process: int) -> _Run:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     if set(params) != set(state["adapter"]):
         raise UserError("the checkpoint's adapter does not match this model's (pass --overwrite to start over)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["adapter"][name])
+    for name, p in params.items():
+        load_full(p, state["adapter"][name])
     if value_head is not None:
-        value_head.load_state_dict(state["value_head"])
-    optimizer.load_state_dict(state["optimizer"])
+        for name, p in value_head.named_parameters():
+            load_full(p, state["value_head"][name])
+    set_optimizer_state_dict(learner.module, _plain_optimizer(learner), state["optimizer"],
+                             options=_whole_tensors())  # fmt: skip
     rng = random.Random()
     rng.setstate(_tuples(state["rng"]))
     _set_process_rng(state["process_rng"][process], next(policy.parameters()).device)
@@ -484,9 +521,10 @@ def align(
 ) -> AlignResult:
     """Align `loaded` (a LoadedModel) at the config's exit layer(s) and write the output folder.
 
-    `loaded.model` is trained in place and ends merged (adapters folded into the language model's weights). Under
-    `accelerate launch` every process calls this with the model on its own device (`PartialState().device`; for
-    processes on the CPU, a `PartialState(cpu=True)` made first); only the main process writes."""
+    `loaded.model` is trained in place and ends merged (adapters folded into the language model's weights), except
+    under FSDP, where it stays sharded: read the output. Under `accelerate launch` every process calls this with the
+    model on its own device (`PartialState().device`; for processes on the CPU, a `PartialState(cpu=True)` made
+    first); only the main process writes."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -504,20 +542,25 @@ def align(
         _check_resumable(checkpoint, identity, work)
     accelerator.wait_for_everyone()  # every process has read its checks before anything is written
 
-    # A sampling stream per process (process 0's is the single-process one); DDP starts all from process 0's weights.
-    torch.manual_seed(config.seed + accelerator.process_index)
+    # The same LoRA initialisation in every process (FSDP shards each process's own copy), then a sampling stream
+    # per process (process 0's is the single-process one).
+    torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
     policy = make_policy(model, config)
     hidden = model.config.get_text_config().hidden_size
     value_head = ValueHead(hidden).to(model.device) if method == "lppo" else None
+    sharded = fsdp_requested(accelerator.distributed_type.value)
+    if sharded:
+        shard(model, value_head, model.device)
+    torch.manual_seed(config.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(trainable(policy, value_head), lr=config.lr, weight_decay=0.0)
-    learner = make_learner(policy, value_head, family, optimizer, accelerator)
+    learner = make_learner(policy, value_head, family, optimizer, accelerator, sharded=sharded)
     kl = KLControllerState(config.kl_init, config.kl_target, config.kl_horizon)
     run = _Run(0, kl, random.Random(config.seed), [])
     main = accelerator.is_main_process
     if checkpoint is not None:
-        run = _restore(checkpoint, policy, value_head, learner.optimizer, accelerator.process_index)
+        run = _restore(checkpoint, learner, policy, value_head, accelerator.process_index)
     elif work.exists() and main:  # --overwrite: the old run's checkpoint goes
         shutil.rmtree(work)
     resumed_from = run.step if checkpoint is not None else None
@@ -537,7 +580,7 @@ def align(
                 # The unwrapped policy: generation and the reference (adapters disabled) train nothing.
                 roll = collect(policy, family, tokenizer, batch, reward, value_head,
                                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                               top_k=config.top_k)  # fmt: skip
+                               top_k=config.top_k, synced=sharded)  # fmt: skip
                 stats, run.kl = ppo_step(learner, roll, run.kl, config)
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}")
             else:
@@ -547,20 +590,41 @@ def align(
             run.log.append({"step": run.step, "exit_layer": layer, **stats})
             bar.update(1)
             if config.checkpoint_every and (run.step % config.checkpoint_every == 0 or run.step == config.steps):
-                state = _state(run, policy, value_head, learner.optimizer, identity)
+                state = _state(run, learner, policy, value_head, identity)
                 if main:
                     write_checkpoint(work, state)
+    if sharded:  # the output is written from whole weights: a replica of the model in the main process
+        trained = _trained_weights(policy, value_head)  # every process takes part in gathering them
+        if main:
+            loaded, policy, value_head = _replica(loaded, config, trained)
     if main:
         with atomic_dir(output, overwrite=overwrite) as tmp:
             seconds = round(time.time() - start, 1)
             summary = _summary(run.log, method) | {"resumed_from": resumed_from, "seconds_this_run": seconds}
             write_output(tmp, loaded, policy, value_head, run.log, identity, summary)
         shutil.rmtree(work, ignore_errors=True)
-    else:
+    elif not sharded:
         policy.merge_and_unload()
     accelerator.wait_for_everyone()  # every process returns once the output is there
     return AlignResult(Path(output), method, config.steps, tuple(r["exit_layer"] for r in run.log), resumed_from,
                        run.log[-1])  # fmt: skip
+
+
+def _replica(loaded, config: LPPOConfig, trained: dict):
+    """An unsharded copy of the aligned policy on the CPU: the base model read again, with the trained weights."""
+    from edgekit.loading import load
+
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    replica = load(loaded.source, dtype=dtype, revision=loaded.revision)
+    policy = make_policy(replica.model, config)
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            load_full(p, trained["adapter"][name])
+    value_head = None
+    if trained["value_head"] is not None:
+        value_head = ValueHead(replica.model.config.get_text_config().hidden_size)
+        value_head.load_state_dict(trained["value_head"])
+    return replica, policy, value_head
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------

@@ -107,14 +107,16 @@ def response_mask(ids: Tensor, eos_id: int) -> Tensor:
 
 @torch.no_grad()
 def generate(
-    model, family, tokenizer, batch: Batch, *, max_new_tokens: int, temperature: float, top_k: int
+    model, family, tokenizer, batch: Batch, *, max_new_tokens: int, temperature: float, top_k: int,
+    synced: bool = False,
 ) -> Responses:
-    """Batched generation with the KV cache: sampled at `temperature` (top-k if > 0), greedy at temperature 0."""
+    """Batched generation with the KV cache: sampled at `temperature` (top-k if > 0), greedy at temperature 0.
+    `synced`: every process decodes until all are done (a sharded model's forward is a collective)."""
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": 1.0}
     new = family.generate(
         model, family.lm_inputs(model, batch.inputs, batch.features()), max_new_tokens=max_new_tokens,
         **(sampling if temperature > 0 else {"do_sample": False}), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
         suppress_tokens=special_ids_to_suppress(tokenizer, getattr(model.config, "image_token_id", None)),
     )  # fmt: skip
     mask = response_mask(new, tokenizer.eos_token_id)
@@ -160,11 +162,11 @@ def sequence_forward(
 
 
 def collect(policy, family, tokenizer, batch: Batch, reward, value_head, *, max_new_tokens: int, temperature: float,
-            top_k: int) -> Rollout:  # fmt: skip
+            top_k: int, synced: bool = False) -> Rollout:  # fmt: skip
     """Generate with the policy, score the responses, and record policy/reference log-probs and values."""
     model = policy.get_base_model()  # LoRA layers live inside it; calling it runs the adapters
     responses = generate(model, family, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k)  # fmt: skip
+                         top_k=top_k, synced=synced)  # fmt: skip
     scores = reward.score([item.prompt for item in batch.items], list(responses.texts), batch.items)
     with torch.no_grad():
         logp, values = sequence_forward(model, family, batch, responses.ids, responses.mask, temperature=temperature,
