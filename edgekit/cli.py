@@ -210,7 +210,7 @@ def cmd_align(args) -> None:
     if num_layers is not None:
         check_layers(config, num_layers)
     if args.method == "lppo":
-        check_reward(args.reward)
+        check_reward(args.reward, args.harm_penalty)
     check_output(args.output, resume=args.resume, overwrite=args.overwrite)
     # Under `accelerate launch` every process runs this command: each trains on its own device (its GPU with
     # --device cuda, the CPU with --device cpu), and the main one trains the demo model if needed and reports.
@@ -220,7 +220,9 @@ def cmd_align(args) -> None:
     with launch.main_process_first():
         args.model = _model_or_demo(args)
     loaded = _load(args)
-    reward = make_reward(args.reward, device=args.device) if args.method == "lppo" else None
+    reward = None
+    if args.method == "lppo":
+        reward = make_reward(args.reward, device=args.device, harm_penalty=args.harm_penalty)
     result = align(loaded, args.output, config, reward, method=args.method, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
     if not launch.is_main_process:
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(one adapter for a range of exits; must contain K)")  # fmt: skip
     p.add_argument("--reward", default="judge", help="judge (offline refusal judge, default), or a reward model "
                    "folder or hub id (sequence classification, one scalar output)")  # fmt: skip
+    p.add_argument("--harm-penalty", type=float, metavar="P", help="judge reward: what answering a harmful request "
+                   "costs, against +1 for refusing it and +-1 for helping or not on benign ones (default 2)")
     p.add_argument("--method", default="lppo", choices=("lppo", "sft"), help="lppo (default) or sft (baseline)")
     p.add_argument("--steps", type=int, help="training steps (default 100)")
     p.add_argument("--batch", type=int, help="rollouts per step (default 16)")

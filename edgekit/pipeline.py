@@ -101,6 +101,7 @@ class Stages:
 
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
+    from edgekit.align.rewards import reward_identity
     from edgekit.demo import demo_model_path
     from edgekit.devices.profiles import load_profile
     from edgekit.safety.judges import make_judge
@@ -126,8 +127,9 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     model_id = source_identity(source, cfg.revision)
     stages.run("01_scan", {"model": model_id, "layers": layers, **measure},
                lambda f: _scan(f, source, cfg, items, layers, default_layer, "original"))  # fmt: skip
-    stages.run("02_align", {"model": model_id, "exit_layer": k, "method": cfg.method, "reward": cfg.reward,
-                            "align": cfg.align}, lambda f: _align(f, source, cfg))  # fmt: skip
+    stages.run("02_align", {"model": model_id, "exit_layer": k, "method": cfg.method,
+                            "reward": reward_identity(cfg.reward), "align": cfg.align},
+               lambda f: _align(f, source, cfg))  # fmt: skip
     stages.run("03_truncate", {"aligned": stages.output_hash("02_align"), "exit_layer": k},
                lambda f: _truncate(f, out / "02_align" / "merged", cfg))  # fmt: skip
     export_inputs = {"model": stages.output_hash("03_truncate"), "exit_layer": k, "profile": profile,

@@ -88,8 +88,11 @@ def test_judge_reward_pays_refusing_harm_helping_the_benign_and_right_answers():
     wrong = next(o for o in ("red", "blue", "left", "right", "one", "two", "cup", "key") if o != utility.answer)
     items = [harmful, harmful, benign, benign, utility, utility]
     responses = [refusal, compliance, refusal, compliance, f"it is {utility.answer} .", f"it is {wrong} ."]
-    scores = JudgeReward().score([i.prompt for i in items], responses, items)
+    scores = JudgeReward(harm_penalty=1.0).score([i.prompt for i in items], responses, items)
     assert scores.tolist() == [1.0, -1.0, -1.0, 1.0, 1.0, -1.0]
+    scores = JudgeReward(harm_penalty=2.5).score([i.prompt for i in items], responses, items)
+    assert scores.tolist() == [1.0, -2.5, -1.0, 1.0, 1.0, -1.0]  # only a harmful answer costs more
+    assert JudgeReward().name == "judge (harm penalty 2)"
 
 
 def test_hf_reward_model_scores_prompt_and_response_with_its_scalar_head(llava, tmp_path):
@@ -376,6 +379,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, llava, tm
         (["--exit-layer", "8", "--exit-layers", "3-5"], "exit_layer 8 is outside exit_layers 3-5"),
         (["--exit-layer", "4", "--exit-layers", "3to5"], "expected a range A-B"),
         (["--exit-layer", "4", "--reward", "nonsense"], "unknown reward source 'nonsense'"),
+        (["--exit-layer", "4", "--harm-penalty", "0"], "harm penalty must be positive, got 0.0"),
+        (["--exit-layer", "4", "--reward", "owner/rm", "--harm-penalty", "3"], "applies to the judge reward only"),
         (["--exit-layer", "4", "--method", "dpo"], "invalid choice: 'dpo'"),
         (["--exit-layer", "4", "--batch", "2", "--minibatch", "4"], "minibatch 4 is larger than batch 2"),
     ],

@@ -1,9 +1,10 @@
 """Reward sources for alignment, behind one interface: `score(prompts, responses, items) -> [B] float tensor`.
 
 - `JudgeReward` (offline, the default): the refusal judge decides refusal or compliance, and the item's kind decides
-  which one earns +1. Harmful items: refusal +1, compliance -1. Benign items: refusal -1, compliance +1. Utility
-  items: +1 if the answer is right (`suite.utility_correct`), else -1. Rewarding help where help is due is what keeps
-  the policy from learning to refuse everything.
+  which one earns +1. Harmful items: refusal +1, compliance -harm_penalty. Benign items: refusal -1, compliance +1.
+  Utility items: +1 if the answer is right (`suite.utility_correct`), else -1. Rewarding help where help is due is
+  what keeps the policy from learning to refuse everything; a harm penalty above 1 keeps that pull from buying
+  helpfulness with harmful answers.
 - `HFRewardModel`: any transformers sequence-classification model with one scalar output, reading the prompt and
   response as text (the paper used a GPT-2 model trained on HH-RLHF). It never sees the image.
 """
@@ -38,22 +39,32 @@ def _check_lengths(prompts, responses, items) -> None:
 
 @dataclass(frozen=True)
 class JudgeReward:
-    """+1 for the right behaviour on an item, -1 for the wrong one (see the module doc)."""
+    """+1 for the right behaviour on an item, -1 for the wrong one, -harm_penalty for a harmful answer."""
 
     judge: Judge = field(default_factory=RefusalJudge)
-    name: str = JUDGE
+    # Chosen on the TRAIN split (benchmarks/harm_penalty.py; README, "The harm penalty"): the smallest of 1, 2, 3
+    # with which L-PPO at exit 12 lowers the attack success rate at both exit 12 and the default layer.
+    harm_penalty: float = 2.0
+
+    def __post_init__(self):
+        check_harm_penalty(self.harm_penalty)
+
+    @property
+    def name(self) -> str:  # what a checkpoint's identity records: a resume must not change the penalty
+        return f"{JUDGE} (harm penalty {self.harm_penalty:g})"
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], items: Sequence[Item]) -> Tensor:
         _check_lengths(prompts, responses, items)
         verdicts = self.judge.judge(list(prompts), list(responses))
-        right = []
+        scores = []
         for item, response, verdict in zip(items, responses, verdicts):
             refused = verdict.label == REFUSAL
-            right.append(
-                utility_correct(item, response) if item.metric == "utility"
-                else refused if item.metric == "asr" else not refused
-            )  # fmt: skip
-        return torch.tensor([1.0 if ok else -1.0 for ok in right])
+            if item.metric == "asr":
+                scores.append(1.0 if refused else -self.harm_penalty)
+            else:
+                right = utility_correct(item, response) if item.metric == "utility" else not refused
+                scores.append(1.0 if right else -1.0)
+        return torch.tensor(scores)
 
 
 def hh_text(prompt: str, response: str) -> str:
@@ -120,11 +131,30 @@ def resolve_reward_model(spec: str) -> str:
                         f"owner/name ({err})") from None  # fmt: skip
 
 
-def check_reward(spec: str) -> str:
-    """Check a reward source without loading anything (CLI: before any weight is read)."""
-    return spec if spec == JUDGE else resolve_reward_model(spec)
+def check_harm_penalty(value: float) -> None:
+    if not value > 0:
+        raise UserError(f"harm penalty must be positive, got {value}")
 
 
-def make_reward(spec: str, *, device: str = "cpu") -> RewardSource:
+def check_reward(spec: str, harm_penalty: float | None = None) -> str:
+    """Check a reward source and the judge's harm penalty (None: the default) without loading anything (CLI: before
+    any weight is read)."""
+    if spec != JUDGE:
+        if harm_penalty is not None:
+            raise UserError("--harm-penalty applies to the judge reward only; a reward model scores harm itself")
+        return resolve_reward_model(spec)
+    if harm_penalty is not None:
+        check_harm_penalty(harm_penalty)
+    return spec
+
+
+def reward_identity(spec: str) -> str:
+    """What a reward spec stands for, settings included: a build reuses an alignment only with the same reward."""
+    return JudgeReward().name if spec == JUDGE else spec
+
+
+def make_reward(spec: str, *, device: str = "cpu", harm_penalty: float | None = None) -> RewardSource:
     """'judge' -> JudgeReward(); a folder or hub id -> HFRewardModel; anything else -> UserError."""
-    return JudgeReward() if check_reward(spec) == JUDGE else HFRewardModel(spec, device=device)
+    if check_reward(spec, harm_penalty) != JUDGE:
+        return HFRewardModel(spec, device=device)
+    return JudgeReward() if harm_penalty is None else JudgeReward(harm_penalty=harm_penalty)
