@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default="judge", help="judge (offline refusal judge, default), or a reward model "
                    "folder or hub id (sequence classification, one scalar output)")  # fmt: skip
     p.add_argument("--harm-penalty", type=float, metavar="P", help="judge reward: what answering a harmful request "
-                   "costs, against +1 for refusing it and +-1 for helping or not on benign ones (default 2)")
+                   "costs, against +1 for refusing it and +-1 for helping or not on benign ones (default 3)")
     p.add_argument("--method", default="lppo", choices=("lppo", "sft"), help="lppo (default) or sft (baseline)")
     p.add_argument("--steps", type=int, help="training steps (default 100)")
     p.add_argument("--batch", type=int, help="rollouts per step (default 16)")

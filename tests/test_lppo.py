@@ -92,7 +92,7 @@ def test_judge_reward_pays_refusing_harm_helping_the_benign_and_right_answers():
     assert scores.tolist() == [1.0, -1.0, -1.0, 1.0, 1.0, -1.0]
     scores = JudgeReward(harm_penalty=2.5).score([i.prompt for i in items], responses, items)
     assert scores.tolist() == [1.0, -2.5, -1.0, 1.0, 1.0, -1.0]  # only a harmful answer costs more
-    assert JudgeReward().name == "judge (harm penalty 2)"
+    assert JudgeReward().name == "judge (harm penalty 3)"
 
 
 def test_hf_reward_model_scores_prompt_and_response_with_its_scalar_head(llava, tmp_path):

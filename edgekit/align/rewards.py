@@ -44,7 +44,7 @@ class JudgeReward:
     judge: Judge = field(default_factory=RefusalJudge)
     # Chosen on the TRAIN split (benchmarks/harm_penalty.py; README, "The harm penalty"): the smallest of 1, 2, 3
     # with which L-PPO at exit 12 lowers the attack success rate at both exit 12 and the default layer.
-    harm_penalty: float = 2.0
+    harm_penalty: float = 3.0
 
     def __post_init__(self):
         check_harm_penalty(self.harm_penalty)
