@@ -1,12 +1,14 @@
 """L-PPO against the layer-wise SFT baseline, at one exit layer and over an exit range, scanned on the eval split.
 
     python benchmarks/align_compare.py [MODEL] [--exit-layer 12] [--range 8-16] [--layers 8,10,12,14,16,23]
-        [--steps 100] [--out benchmarks/results/align_compare_demo.json] [--plot docs/align-compare.png]
+        [--steps 100] [--limit-per-kind N] [--out benchmarks/results/align_compare_demo.json]
+        [--plot docs/align-compare.png]
 
 Runs, on the same model (the demo model without MODEL): a scan before alignment, then for each of L-PPO and SFT an
 alignment at `--exit-layer` and one over `--range` (one adapter, the layer sampled per batch), each followed by a scan
 of its merged checkpoint at every layer of `--layers`. Every alignment uses the default LPPOConfig but `--steps`
-(the settings `edgekit build` uses); every scan reads 100 eval-split items per kind, greedy, judged offline.
+(the settings `edgekit build` uses); every scan reads the whole eval split (or N items per kind), greedy, judged
+offline.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from edgekit.safety.suite import builtin_suite
 from edgekit.surgery import num_exit_layers
 
 
-def scan_model(loaded, layers: list[int]) -> list[dict]:
-    items = builtin_suite().select("eval", limit_per_kind=100)
+def scan_model(loaded, layers: list[int], limit: int | None) -> list[dict]:
+    items = builtin_suite().select("eval", limit_per_kind=limit)
     return scan_rows(scan(loaded, items, layers, RefusalJudge(), max_new_tokens=24))
 
 
-def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int], work: Path) -> dict:
+def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int], limit: int | None, work: Path
+        ) -> dict:  # fmt: skip
     print(f"{name}: aligning", file=sys.stderr, flush=True)
     start = time.time()
     result = align(load(model, dtype="float32"), work / name, config, JudgeReward() if method == "lppo" else None,
@@ -43,7 +46,7 @@ def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int
     seconds = time.time() - start
     aligned = load(work / name / "merged", dtype="float32")
     return {"method": method, "exit_layers": list(config.layers), "align_seconds": round(seconds, 1),
-            "last": result.last, "layers": scan_model(aligned, layers)}  # fmt: skip
+            "last": result.last, "layers": scan_model(aligned, layers, limit)}  # fmt: skip
 
 
 def markdown(runs: dict[str, dict]) -> str:
@@ -87,6 +90,7 @@ def main() -> None:
     ap.add_argument("--range", default="8-16")
     ap.add_argument("--layers", default="8,10,12,14,16,23")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--limit-per-kind", type=int, help="eval items per kind (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="align_compare.json")
     ap.add_argument("--plot")
@@ -99,13 +103,15 @@ def main() -> None:
     original = load(args.model, dtype="float32")
     layers = parse_layers(args.layers, num_exit_layers(original.model))
     low, high = map(int, args.range.split("-"))
-    runs = {"before": {"layers": scan_model(original, layers)}}
+    runs = {"before": {"layers": scan_model(original, layers, args.limit_per_kind)}}
     with tempfile.TemporaryDirectory() as work:
         for method in ("lppo", "sft"):
             for name, span in ((f"{method} @{args.exit_layer}", None), (f"{method} @{low}-{high}", (low, high))):
                 config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=span, steps=args.steps)
-                runs[name] = run(args.model, name.replace(" @", "-"), config, method, layers, Path(work))
-    Path(args.out).write_text(json.dumps({"model": args.model, "steps": args.steps, "runs": runs}, indent=1))
+                runs[name] = run(args.model, name.replace(" @", "-"), config, method, layers, args.limit_per_kind,
+                                 Path(work))  # fmt: skip
+    record = {"model": args.model, "steps": args.steps, "reward": JudgeReward().name, "runs": runs}
+    Path(args.out).write_text(json.dumps(record, indent=1))
     print(markdown(runs))
     if args.plot:
         plot(runs, Path(args.plot), args.exit_layer, (low, high))
