@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the built-in suite's train split. Writes adapter/, merged/ (a plain Hugging Face checkpoint), "
         "value_head.pt, train_log.jsonl, train_curves.png and align.json; checkpoints let a killed run --resume. "
         "Without MODEL, the embedded demo model (trained on first use).",
-        epilog=EPILOG,
+        epilog=f"{EPILOG} Many GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml (whole model per GPU) "
+        "or fsdp.yaml (language model sharded, FSDP2) -m edgekit.cli align MODEL --exit-layer K --device cuda -o OUT; "
+        "--batch and --minibatch are totals over the processes.",
     )
     _add_model_args(p, optional=True)
     p.set_defaults(dtype="float32")  # LoRA training in full precision

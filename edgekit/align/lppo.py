@@ -303,7 +303,7 @@ def _malloc_trim():
 def _release_freed_heap() -> None:
     """Give the pages of freed CPU tensors back to the system after each update. glibc keeps them in its heap, where
     holes between live tensors still count as resident; each recomputed layer leaves such holes, and without this
-    the process's peak grows with every minibatch (1.8 GiB against 1.5 GiB in benchmarks/align_memory.py)."""
+    the process's peak grows with every minibatch (benchmarks/align_memory.py)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
