@@ -211,6 +211,8 @@ def cmd_align(args) -> None:
         check_layers(config, num_layers)
     if args.method == "lppo":
         check_reward(args.reward, args.harm_penalty)
+    elif args.harm_penalty is not None:
+        raise UserError("--harm-penalty shapes the L-PPO reward; --method sft has no reward")
     check_output(args.output, resume=args.resume, overwrite=args.overwrite)
     # Under `accelerate launch` every process runs this command: each trains on its own device (its GPU with
     # --device cuda, the CPU with --device cpu), and the main one trains the demo model if needed and reports.

@@ -381,6 +381,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, llava, tm
         (["--exit-layer", "4", "--reward", "nonsense"], "unknown reward source 'nonsense'"),
         (["--exit-layer", "4", "--harm-penalty", "0"], "harm penalty must be positive, got 0.0"),
         (["--exit-layer", "4", "--reward", "owner/rm", "--harm-penalty", "3"], "applies to the judge reward only"),
+        (["--exit-layer", "4", "--method", "sft", "--harm-penalty", "3"], "--method sft has no reward"),
         (["--exit-layer", "4", "--method", "dpo"], "invalid choice: 'dpo'"),
         (["--exit-layer", "4", "--batch", "2", "--minibatch", "4"], "minibatch 4 is larger than batch 2"),
     ],
