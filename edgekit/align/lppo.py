@@ -278,9 +278,8 @@ class Learner:
 def make_learner(policy, value_head, family, optimizer, accelerator, *, sharded: bool = False) -> Learner:
     """Sharded modules (FSDP2) reduce their own gradients and are not wrapped again."""
     module = PolicyValue(policy, family, value_head)
-    if sharded:
-        return Learner(module, optimizer, accelerator)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if not sharded:
+        module, optimizer = accelerator.prepare(module, optimizer)
     return Learner(module, optimizer, accelerator)
 
 
@@ -451,6 +450,18 @@ def _trained_weights(policy, value_head) -> dict[str, dict[str, torch.Tensor] | 
     }  # fmt: skip
 
 
+def _load_trained_weights(weights: dict, policy, value_head) -> None:
+    """The inverse of `_trained_weights`: whole tensors into this process's (possibly sharded) parameters."""
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    if set(params) != set(weights["adapter"]):
+        raise UserError("the checkpoint's adapter does not match this model's (pass --overwrite to start over)")
+    for name, p in params.items():
+        load_full(p, weights["adapter"][name])
+    if value_head is not None:
+        for name, p in value_head.named_parameters():
+            load_full(p, weights["value_head"][name])
+
+
 def _whole_tensors():
     """Optimizer state keyed by parameter name, each tensor whole: it loads into sharded and unsharded runs alike."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -487,14 +498,7 @@ def _on_cpu(tree):
 def _restore(state: dict, learner: Learner, policy, value_head, process: int) -> _Run:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    if set(params) != set(state["adapter"]):
-        raise UserError("the checkpoint's adapter does not match this model's (pass --overwrite to start over)")
-    for name, p in params.items():
-        load_full(p, state["adapter"][name])
-    if value_head is not None:
-        for name, p in value_head.named_parameters():
-            load_full(p, state["value_head"][name])
+    _load_trained_weights(state, policy, value_head)
     set_optimizer_state_dict(learner.module, _plain_optimizer(learner), state["optimizer"],
                              options=_whole_tensors())  # fmt: skip
     rng = random.Random()
@@ -617,13 +621,9 @@ def _replica(loaded, config: LPPOConfig, trained: dict):
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     replica = load(loaded.source, dtype=dtype, revision=loaded.revision)
     policy = make_policy(replica.model, config)
-    for name, p in policy.named_parameters():
-        if p.requires_grad:
-            load_full(p, trained["adapter"][name])
-    value_head = None
-    if trained["value_head"] is not None:
-        value_head = ValueHead(replica.model.config.get_text_config().hidden_size)
-        value_head.load_state_dict(trained["value_head"])
+    hidden = replica.model.config.get_text_config().hidden_size
+    value_head = ValueHead(hidden) if trained["value_head"] is not None else None
+    _load_trained_weights(trained, policy, value_head)
     return replica, policy, value_head
 
 
