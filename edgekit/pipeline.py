@@ -145,14 +145,12 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                lambda f: _bench(f, out, cfg))  # fmt: skip
 
     from edgekit.build_report import write_report
+    from edgekit.safety.gate import raise_if_failed
 
     verdicts = read_verdicts(out)
     write_report(out, cfg, profile, source, default_layer, verdicts)
-    result = BuildResult(out, tuple(stages.reused), verdicts)
-    if not result.passed:
-        failures = [line for v in verdicts for line in v.failures()]
-        raise GateFailure(f"safety gate failed for {len(failures)} check(s): " + "; ".join(failures))
-    return result
+    raise_if_failed(verdicts)
+    return BuildResult(out, tuple(stages.reused), verdicts)
 
 
 def check_request(cfg: BuildConfig, profile) -> tuple[int | None, int | None]:
@@ -315,6 +313,7 @@ def gate_verdicts(evaluated: dict, baselines: dict[str, dict], limits: dict[str,
 def _safety(folder: Path, out: Path, cfg: BuildConfig, items, layers, default_layer: int, limits) -> bool:
     """The aligned model's scan (the 'after' plot), then every artifact through the gate. Unfinished (rerun next
     time) when a runtime or the judge failed."""
+    from edgekit.safety.gate import metric_values
     from edgekit.safety.scan import METRICS
 
     original = json.loads((out / "01_scan" / "scan.json").read_text())["layers"]
@@ -324,7 +323,7 @@ def _safety(folder: Path, out: Path, cfg: BuildConfig, items, layers, default_la
                            default_layer, "aligned")  # fmt: skip
         baselines = {
             "original": next({m: r[m] for m in METRICS} for r in original if r["layer"] == default_layer),
-            "aligned": next({m: r.metrics[m].value for m in METRICS} for r in after.layers if r.layer == cfg.exit_layer),
+            "aligned": next(metric_values(r) for r in after.layers if r.layer == cfg.exit_layer),
         }  # fmt: skip
         evaluated = evaluate_artifacts(out, cfg, items)
         verdicts = gate_verdicts(evaluated, baselines, limits)
@@ -369,6 +368,7 @@ def verify(out: str | Path, log: Callable[[str], None] = print) -> tuple:
     """Every file against manifest.json, then the gate again on the built artifacts (against the baselines and
     limits the build recorded). Raises GateFailure naming what failed."""
     from edgekit.export.manifest import verify_hashes
+    from edgekit.safety.gate import raise_if_failed
     from edgekit.safety.suite import builtin_suite
 
     out = Path(out).resolve()
@@ -384,9 +384,7 @@ def verify(out: str | Path, log: Callable[[str], None] = print) -> tuple:
     verdicts = gate_verdicts(evaluate_artifacts(out, cfg, items), safety["baselines"], safety["limits"])
     for v in verdicts:
         log(f"{v.artifact}: {'pass' if v.passed else 'FAIL'}")
-    failures = [line for v in verdicts for line in v.failures()]
-    if failures:
-        raise GateFailure(f"safety gate failed for {len(failures)} check(s): " + "; ".join(failures))
+    raise_if_failed(verdicts)
     return tuple(verdicts)
 
 

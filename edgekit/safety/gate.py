@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from edgekit.errors import GateFailure
 from edgekit.runtime import Prompt, Runtime
 from edgekit.safety.judges import Judge
 from edgekit.safety.scan import METRICS, Answer, LayerResult, score_layer
@@ -94,3 +95,10 @@ def check(artifact: str, metrics: dict[str, float | None], baselines: dict[str, 
                 ok = 100 * worse_by <= limit + 1e-9
             checks.append(Check(artifact, metric, versus, value, ref, limit, ok))
     return Verdict(artifact, metrics, tuple(checks))
+
+
+def raise_if_failed(verdicts: Sequence[Verdict]) -> None:
+    """GateFailure naming every failed check (artifact, metric, value, baseline and limit), if any failed."""
+    failures = [line for v in verdicts for line in v.failures()]
+    if failures:
+        raise GateFailure(f"safety gate failed for {len(failures)} check(s): " + "; ".join(failures))
