@@ -32,8 +32,8 @@ from edgekit.safety.suite import builtin_suite
 from edgekit.surgery import num_exit_layers
 
 
-def scan_model(loaded, layers: list[int], limit: int | None) -> list[dict]:
-    items = builtin_suite().select("eval", limit_per_kind=limit)
+def scan_model(loaded, layers: list[int], limit: int | None, split: str = "eval") -> list[dict]:
+    items = builtin_suite().select(split, limit_per_kind=limit)
     return scan_rows(scan(loaded, items, layers, RefusalJudge(), max_new_tokens=24))
 
 

@@ -19,20 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+from align_compare import markdown, scan_model  # this folder is on sys.path when a script in it runs
 
 from edgekit.align.lppo import LPPOConfig, align
 from edgekit.align.rewards import JudgeReward
 from edgekit.loading import load
-from edgekit.report import scan_rows
-from edgekit.safety.judges import RefusalJudge
-from edgekit.safety.scan import METRICS, scan
-from edgekit.safety.suite import builtin_suite
+from edgekit.safety.scan import METRICS
 
 
 def scan_train(loaded, layers: list[int], limit: int) -> list[dict]:
-    items = builtin_suite().select("train", limit_per_kind=limit)
-    rows = scan_rows(scan(loaded, items, layers, RefusalJudge(), max_new_tokens=24))
-    return [{"layer": r["layer"], **{m: r[m] for m in METRICS}} for r in rows]
+    return [{"layer": r["layer"], **{m: r[m] for m in METRICS}} for r in scan_model(loaded, layers, limit, "train")]
 
 
 def main() -> None:
@@ -65,11 +61,7 @@ def main() -> None:
     record = {"model": args.model, "split": "train", "limit_per_kind": args.limit_per_kind, "steps": args.steps,
               "exit_layer": args.exit_layer, "runs": runs}  # fmt: skip
     Path(args.out).write_text(json.dumps(record, indent=1))
-    print("| run | " + " | ".join(f"L{k} ASR / OR / util %" for k in layers) + " |")
-    print("|---" * (len(layers) + 1) + "|")
-    for name, run in runs.items():
-        cells = [" / ".join(f"{100 * r[m]:.1f}" for m in METRICS) for r in run["layers"]]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(markdown(runs))
 
 
 if __name__ == "__main__":
