@@ -39,13 +39,11 @@ PYTORCH = "pytorch"  # the truncated checkpoint, run by transformers
 
 @dataclass(frozen=True)
 class BuildResult:
+    """What a build that passed its gate returns (a failed gate raises GateFailure)."""
+
     output: Path
     reused: tuple[str, ...]  # stages whose inputs were unchanged
-    verdicts: tuple  # edgekit.safety.gate.Verdict per artifact
-
-    @property
-    def passed(self) -> bool:
-        return all(v.passed for v in self.verdicts)
+    verdicts: tuple  # edgekit.safety.gate.Verdict per artifact, every one passed
 
 
 # --- stages ------------------------------------------------------------------------------------------------------
