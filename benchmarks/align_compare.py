@@ -24,12 +24,12 @@ import torch
 
 from edgekit.align.lppo import LPPOConfig, align
 from edgekit.align.rewards import JudgeReward
-from edgekit.loading import load
-from edgekit.report import LABELS, scan_rows
+from edgekit.model.loading import load
+from edgekit.safety.report import LABELS, scan_rows
 from edgekit.safety.judges import RefusalJudge
 from edgekit.safety.scan import METRICS, parse_layers, scan
 from edgekit.safety.suite import builtin_suite
-from edgekit.surgery import num_exit_layers
+from edgekit.model.surgery import num_exit_layers
 
 
 def scan_model(loaded, layers: list[int], limit: int | None, split: str = "eval") -> list[dict]:
@@ -97,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from edgekit.demo import demo_model_path
+        from edgekit.model.demo import demo_model_path
 
         args.model = str(demo_model_path())
     original = load(args.model, dtype="float32")

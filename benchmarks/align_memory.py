@@ -26,10 +26,10 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, tempfile, torch
 torch.set_num_threads(2)
-from edgekit.loading import load
+from edgekit.model.loading import load
 from edgekit.safety.scan import chat_inputs
 from edgekit.safety.suite import builtin_suite
-from edgekit.surgery import set_exit_layer
+from edgekit.model.surgery import set_exit_layer
 mode, model, k, batch, new_tokens, steps, recompute = sys.argv[1:8]
 k, batch, new_tokens, steps = int(k), int(batch), int(new_tokens), int(steps)
 loaded = load(model, dtype="float32")
@@ -77,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model
     if model is None:
-        from edgekit.tiny import build_tiny, make_tiny_checkpoint, save_tiny
+        from edgekit.model.tiny import build_tiny, make_tiny_checkpoint, save_tiny
 
         folder = Path(tempfile.mkdtemp()) / f"{args.size}-llava"
         if args.size == "tiny":

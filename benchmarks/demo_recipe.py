@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import torch
 
-from edgekit.demo import DemoRecipe, train_demo
-from edgekit.loading import load
+from edgekit.model.demo import DemoRecipe, train_demo
+from edgekit.model.loading import load
 from edgekit.safety.judges import RefusalJudge
-from edgekit.safety.probe import probe_layers
+from probe import probe_layers
 from edgekit.safety.scan import scan
 from edgekit.safety.suite import KINDS, builtin_suite
 

@@ -25,7 +25,7 @@ all of them alike and ratios are measured side by side; every number quoted is a
    first token's logits), decode tokens/s = decode steps / their time.
 3. Sizes of the files written (manifest bytes) and, per runtime, the peak RSS of its process (VmHWM at its end;
    not ru_maxrss, which Linux carries over from the parent's RSS at fork), next to its RSS after imports, before any
-   artifact is loaded (edgekit's ONNX runtime imports torch through `edgekit.families`, so every process starts
+   artifact is loaded (edgekit's ONNX runtime imports torch through `edgekit.model.families`, so every process starts
    near 240 MB).
 
 Threads: `--threads` (default 2) for onnxruntime (intra-op; inter-op 1), llama.cpp and torch. Waiting threads of
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.tiny import TinySizes
+from edgekit.model.tiny import TinySizes
 
 # ~100M-parameter language model (TinySizes fixes the MLP at 2 x hidden, so 16 layers of 768 reach it: 95.6M) and a
 # CLIP tower of LLaVA-1.5's depth at 224 px in 14 px patches (256 patches + CLS). Rows of 768 and 1536 are whole
@@ -148,12 +148,12 @@ class VisionTorch(_VisionRounds):
     def imports() -> None:
         import transformers  # noqa: F401
 
-        import edgekit.loading  # noqa: F401
+        import edgekit.model.loading  # noqa: F401
 
     def __init__(self, spec: dict):
         import torch
 
-        from edgekit.loading import load
+        from edgekit.model.loading import load
 
         super().__init__(spec)
         torch.set_num_threads(spec["threads"])
@@ -161,7 +161,7 @@ class VisionTorch(_VisionRounds):
         self.inputs = {"pixel_values": torch.from_numpy(_inputs(spec)["pixel_values"])}
 
     def prepare(self, k: str) -> None:
-        from edgekit.surgery import set_exit_layer
+        from edgekit.model.surgery import set_exit_layer
 
         set_exit_layer(self.loaded.model, int(k))
 
@@ -179,14 +179,14 @@ class DecodeTorch:
     def imports() -> None:
         import transformers  # noqa: F401
 
-        import edgekit.loading  # noqa: F401
+        import edgekit.model.loading  # noqa: F401
 
     def __init__(self, spec: dict):
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        from edgekit.loading import load
-        from edgekit.surgery import set_exit_layer
+        from edgekit.model.loading import load
+        from edgekit.model.surgery import set_exit_layer
 
         torch.set_num_threads(spec["threads"])
         self.loaded = load(spec["model"], dtype="float32")
@@ -239,11 +239,11 @@ class DecodeOnnx:
 
     @staticmethod
     def imports() -> None:
-        import edgekit.families  # noqa: F401  OnnxVLM imports it (and with it torch): count it with the imports
-        import edgekit.runtime_onnx  # noqa: F401
+        import edgekit.model.families  # noqa: F401  OnnxVLM imports it (and with it torch): count it with the imports
+        import edgekit.devices.onnx_runtime  # noqa: F401
 
     def __init__(self, spec: dict):
-        from edgekit.runtime_onnx import OnnxVLM
+        from edgekit.devices.onnx_runtime import OnnxVLM
 
         self.vlm = OnnxVLM(spec["onnx_dir"], session_options=_ort_options(spec["threads"], spec["spin"]))
         self.vlm.vision, self.vlm.embed  # noqa: B018  open every session now
@@ -267,11 +267,11 @@ class DecodeHybrid:
     def imports() -> None:
         import llama_cpp  # noqa: F401
 
-        import edgekit.families  # noqa: F401
-        import edgekit.runtime_llama  # noqa: F401
+        import edgekit.model.families  # noqa: F401
+        import edgekit.devices.llama_runtime  # noqa: F401
 
     def __init__(self, spec: dict):
-        from edgekit.runtime_llama import HybridVLM
+        from edgekit.devices.llama_runtime import HybridVLM
 
         self.vlm = HybridVLM(spec["onnx_dir"], spec["gguf"], n_threads=spec["threads"], n_ctx=spec["n_ctx"])
         self.vlm.vision.session_options = _ort_options(spec["threads"], spec["spin"])  # read when the session opens
@@ -410,7 +410,7 @@ def _image():
 
 
 def _params(loaded) -> dict:
-    from edgekit.families import attr_path
+    from edgekit.model.families import attr_path
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     model, family = loaded.model, loaded.family
@@ -440,7 +440,7 @@ def export_all(loaded, layers: list[int], exit_layer: int, work: Path, threads: 
     """Vision-only ONNX graphs at every k, then full ONNX folders and LM + mmproj GGUFs at `exit_layer`."""
     from edgekit.export.artifacts import export_artifacts
     from edgekit.export.onnx import export_onnx
-    from edgekit.runtime_onnx import VISION_FILE
+    from edgekit.devices.onnx_runtime import VISION_FILE
 
     exports: dict = {"vision_by_k": {}, "onnx": {}, "gguf": {}}
     for k in layers:
@@ -545,10 +545,10 @@ def _fit(layers: list[int], median_ms: dict[str, float]) -> dict:
 def run(args) -> None:
     import torch
 
-    from edgekit.loading import load
-    from edgekit.runtime import Prompt, processor_inputs
-    from edgekit.surgery import num_exit_layers
-    from edgekit.tiny import build_tiny, make_tiny_checkpoint, save_tiny
+    from edgekit.model.loading import load
+    from edgekit.devices.runtime import Prompt, processor_inputs
+    from edgekit.model.surgery import num_exit_layers
+    from edgekit.model.tiny import build_tiny, make_tiny_checkpoint, save_tiny
 
     torch.set_num_threads(args.threads)
     vision_repeats, decode_repeats = DEFAULT_REPEATS[args.size]

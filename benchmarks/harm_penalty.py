@@ -23,7 +23,7 @@ from align_compare import markdown, scan_model  # this folder is on sys.path whe
 
 from edgekit.align.lppo import LPPOConfig, align
 from edgekit.align.rewards import JudgeReward
-from edgekit.loading import load
+from edgekit.model.loading import load
 from edgekit.safety.scan import METRICS
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from edgekit.demo import demo_model_path
+        from edgekit.model.demo import demo_model_path
 
         args.model = str(demo_model_path())
     original = load(args.model, dtype="float32")

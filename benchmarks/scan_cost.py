@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from edgekit.families import attr_path
-from edgekit.loading import load
+from edgekit.model.families import attr_path
+from edgekit.model.loading import load
 from edgekit.safety.judges import RefusalJudge
 from edgekit.safety.scan import chat_inputs, scan
 from edgekit.safety.suite import builtin_suite
-from edgekit.surgery import num_exit_layers, set_exit_layer
-from edgekit.tiny import make_tiny_checkpoint
+from edgekit.model.surgery import num_exit_layers, set_exit_layer
+from edgekit.model.tiny import make_tiny_checkpoint
 
 
 def main() -> None:

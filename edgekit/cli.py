@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgekit.errors import GateFailure, UserError
-from edgekit.tiny import TINY_FAMILIES
+from edgekit.model.tiny import TINY_FAMILIES
 
 EPILOG = "Exit layer k (1..L) = output of vision block k = HF hidden_states[k]; LLaVA-1.5's default is 23 of 24."
 
@@ -37,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, optional: bool = False) -> No
 
 
 def _load(args):
-    from edgekit.loading import load
+    from edgekit.model.loading import load
 
     return load(
         args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
@@ -46,8 +46,8 @@ def _load(args):
 
 
 def cmd_inspect(args) -> None:
-    from edgekit.loading import load_config
-    from edgekit.sizes import format_sizes, model_sizes
+    from edgekit.model.loading import load_config
+    from edgekit.model.sizes import format_sizes, model_sizes
 
     config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     sizes = model_sizes(config, args.exit_layer)
@@ -55,10 +55,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_truncate(args) -> None:
-    from edgekit.loading import load_config
+    from edgekit.model.loading import load_config
     from edgekit.outputs import check_output_dir
-    from edgekit.sizes import human_bytes, model_sizes
-    from edgekit.surgery import truncate_checkpoint
+    from edgekit.model.sizes import human_bytes, model_sizes
+    from edgekit.model.surgery import truncate_checkpoint
 
     # Check everything cheap before reading weights: the layer against the config, the output folder.
     config = load_config(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
@@ -73,7 +73,7 @@ def cmd_truncate(args) -> None:
 
 def cmd_tiny(args) -> None:
     from edgekit.outputs import atomic_dir
-    from edgekit.tiny import build_tiny, save_tiny
+    from edgekit.model.tiny import build_tiny, save_tiny
 
     with atomic_dir(args.output, args.overwrite) as tmp:
         save_tiny(*build_tiny(args.family, seed=args.seed), tmp)
@@ -105,8 +105,8 @@ def cmd_export(args) -> None:
 
     from edgekit.devices.profiles import load_profile
     from edgekit.export.artifacts import check_output, check_request, export_artifacts, human, parse_formats
-    from edgekit.families import family_for
-    from edgekit.loading import load_config
+    from edgekit.model.families import family_for
+    from edgekit.model.loading import load_config
 
     # Check everything cheap before reading weights: target, formats, the layer against the config, the output.
     profile = load_profile(args.target)
@@ -126,7 +126,7 @@ def cmd_export(args) -> None:
 
 
 def _model_or_demo(args) -> str:
-    from edgekit.demo import demo_model_path
+    from edgekit.model.demo import demo_model_path
 
     return args.model or str(demo_model_path(log=lambda line: print(line, file=sys.stderr)))
 
@@ -134,10 +134,10 @@ def _model_or_demo(args) -> str:
 def cmd_scan(args) -> None:
     from tqdm import tqdm
 
-    from edgekit.families import family_for
-    from edgekit.loading import load_config
+    from edgekit.model.families import family_for
+    from edgekit.model.loading import load_config
     from edgekit.outputs import atomic_dir, check_output_dir
-    from edgekit.report import write_scan_report
+    from edgekit.safety.report import write_scan_report
     from edgekit.safety.judges import make_judge
     from edgekit.safety.loaders import load_suite
     from edgekit.safety.scan import parse_layers, scan
@@ -194,9 +194,9 @@ def cmd_align(args) -> None:
 
     from edgekit.align.lppo import LPPOConfig, align, check_layers, check_output
     from edgekit.align.rewards import check_reward, make_reward
-    from edgekit.families import family_for
-    from edgekit.loading import load_config
-    from edgekit.surgery import check_exit_layer
+    from edgekit.model.families import family_for
+    from edgekit.model.loading import load_config
+    from edgekit.model.surgery import check_exit_layer
 
     # Check everything cheap before reading weights: the layers against the config, the settings, the reward
     # source, the output folder (and a checkpoint to resume).
@@ -237,8 +237,8 @@ def cmd_align(args) -> None:
 
 
 def cmd_build(args) -> None:
-    from edgekit.build_config import resolve
-    from edgekit.pipeline import build
+    from edgekit.build.config import resolve
+    from edgekit.build.pipeline import build
 
     given = {name: getattr(args, name) for name in ("model", "revision", "exit_layer", "target", "output",
                                                       "limit_per_kind", "scan_layers", "method", "reward", "device")}
@@ -260,7 +260,7 @@ def cmd_build(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from edgekit.pipeline import verify
+    from edgekit.build.pipeline import verify
 
     verdicts = verify(args.folder, log=lambda line: print(line, file=sys.stderr))
     print(f"{args.folder}: every file matches its manifest and {len(verdicts)} artifacts pass the gate again")

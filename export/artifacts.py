@@ -31,7 +31,7 @@ from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.errors import UserError
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.outputs import atomic_dir, check_output_dir
-from edgekit.surgery import check_exit_layer, num_exit_layers, set_exit_layer
+from edgekit.model.surgery import check_exit_layer, num_exit_layers, set_exit_layer
 
 PROCESSOR_DIR = "processor"
 _WORK_DIR = ".work"  # intermediates inside the temporary folder, removed before it is renamed into place
@@ -228,7 +228,7 @@ def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> 
 
 def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:
     from edgekit.export import gguf
-    from edgekit.families import attr_path
+    from edgekit.model.families import attr_path
 
     model, family = loaded.model, loaded.family
     image_processor = loaded.processor.image_processor

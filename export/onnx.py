@@ -12,7 +12,7 @@ Per family (all differences are read from the family table and the config):
   The host scatters the features into the embeddings at the image-token positions.
 - LLaVA-NeXT: the vision graph takes the stacked anyres tiles of all images [tiles, 3, H, W] and returns per-tile
   features [tiles, tokens, d_text]. Unpadding and packing with `image_newline` depend on each image's size (data-
-  dependent shapes), so they stay on the host (`edgekit.runtime_onnx`, numpy); `image_newline.npy` ships beside the
+  dependent shapes), so they stay on the host (`edgekit.devices.onnx_runtime`, numpy); `image_newline.npy` ships beside the
   graphs.
 - Llama 3.2 Vision: the vision graph returns the cross-attention states [images*tiles, patches, d_text]. The decoder
   takes `cross_attention_states` and the processor's `cross_attention_mask` rows for the tokens being processed at
@@ -43,8 +43,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from edgekit.errors import UserError
-from edgekit.families import Family, attr_path
-from edgekit.runtime_onnx import (  # the folder's format contract lives beside its reader
+from edgekit.model.families import Family, attr_path
+from edgekit.devices.onnx_runtime import (  # the folder's format contract lives beside its reader
     DECODER_FILE,
     DESCRIPTION_FILE,
     EMBED_FILE,
@@ -53,7 +53,7 @@ from edgekit.runtime_onnx import (  # the folder's format contract lives beside 
     VISION_FILE,
     Names,
 )
-from edgekit.surgery import num_exit_layers, set_exit_layer
+from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
 FORMAT_VERSION = 1
 

@@ -32,7 +32,7 @@ import onnx
 
 from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
-from edgekit.runtime_onnx import (
+from edgekit.devices.onnx_runtime import (
     DECODER_FILE,
     DESCRIPTION_FILE,
     EMBED_FILE,

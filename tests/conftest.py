@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgekit.tiny import TINY_FAMILIES, make_tiny_checkpoint
+from edgekit.model.tiny import TINY_FAMILIES, make_tiny_checkpoint
 
 torch.set_num_threads(2)
 

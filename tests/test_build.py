@@ -19,8 +19,8 @@ import torch
 from edgekit.align.lppo import COMPLIANCE_TARGET, REFUSAL_TARGET, encode_targets
 from edgekit.align.rollout import prepare_batch, sequence_forward
 from edgekit.cli import main
-from edgekit.loading import load
-from edgekit.pipeline import STAGE_FILE
+from edgekit.model.loading import load
+from edgekit.build.pipeline import STAGE_FILE
 from edgekit.safety.suite import builtin_suite
 
 FAST = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
@@ -104,8 +104,8 @@ def test_verify_fails_on_a_tampered_artifact(built, tmp_path, capsys):
 
 
 def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
-    from edgekit.build_config import BuildConfig
-    from edgekit.pipeline import evaluate_artifacts, gate_verdicts
+    from edgekit.build.config import BuildConfig
+    from edgekit.build.pipeline import evaluate_artifacts, gate_verdicts
     from edgekit.safety import judges
     from edgekit.safety.guard import JudgeError
 

@@ -272,7 +272,7 @@ def test_llama_guard_that_cannot_answer_fails_closed(tmp_path, capsys):
 
     from edgekit.cli import main
     from edgekit.safety.guard import JudgeError, LlamaGuardJudge
-    from edgekit.tiny import default_corpus, train_sentencepiece_tokenizer
+    from edgekit.model.tiny import default_corpus, train_sentencepiece_tokenizer
 
     tok = train_sentencepiece_tokenizer(default_corpus(300), vocab_size=300)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}verdict:"

@@ -35,7 +35,7 @@ from edgekit.align.rewards import HFRewardModel, JudgeReward, make_reward
 from edgekit.align.rollout import ValueHead, collect, prepare_batch, sequence_forward, special_ids_to_suppress
 from edgekit.cli import main
 from edgekit.errors import UserError
-from edgekit.loading import load
+from edgekit.model.loading import load
 from edgekit.safety.suite import builtin_suite
 
 K = 4

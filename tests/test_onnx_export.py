@@ -17,9 +17,9 @@ import torch
 from conftest import sample_image
 
 from edgekit.export.onnx import export_onnx
-from edgekit.families import FAMILIES
-from edgekit.loading import LoadedModel, load
-from edgekit.runtime_onnx import (
+from edgekit.model.families import FAMILIES
+from edgekit.model.loading import LoadedModel, load
+from edgekit.devices.onnx_runtime import (
     DECODER_FILE,
     DESCRIPTION_FILE,
     EMBED_FILE,
@@ -30,7 +30,7 @@ from edgekit.runtime_onnx import (
     OnnxVLM,
 )
 from edgekit.safety.suite import builtin_suite
-from edgekit.surgery import num_exit_layers, set_exit_layer
+from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
 FAMILY_TYPES = [f.model_types[0] for f in FAMILIES]
 GEN_EXIT = 12  # the exit layer of the full three-graph export used for generation and quantization

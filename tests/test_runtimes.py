@@ -18,9 +18,9 @@ from conftest import sample_image
 from edgekit.devices.profiles import load_profile
 from edgekit.errors import UserError
 from edgekit.export.artifacts import export_artifacts
-from edgekit.loading import load
-from edgekit.runtime import Prompt, TorchRuntime, open_runtime, processor_inputs, until_eos
-from edgekit.surgery import set_exit_layer
+from edgekit.model.loading import load
+from edgekit.devices.runtime import Prompt, TorchRuntime, open_runtime, processor_inputs, until_eos
+from edgekit.model.surgery import set_exit_layer
 
 K = 12
 MAX_NEW_TOKENS = 32
@@ -64,7 +64,7 @@ def test_f32_token_identical_to_pytorch(tiny, kind):
 def test_embedding_batches_equal_token_batches(tiny):
     """decode_embeddings of the LM's own token embeddings gives the logits of decode_tokens (positions, masks and the
     embedding batch layout are right), and both match PyTorch's logits."""
-    from edgekit.runtime_llama import LlamaDecoder
+    from edgekit.devices.llama_runtime import LlamaDecoder
 
     loaded, folder, _, _ = tiny
     decoder = LlamaDecoder(folder / "lm-f32.gguf", **LLAMA)

@@ -9,11 +9,11 @@ import torch
 from conftest import processor_inputs
 
 from edgekit.cli import main
-from edgekit.loading import load
+from edgekit.model.loading import load
 from edgekit.safety.judges import RefusalJudge
 from edgekit.safety.scan import chat_inputs, generate_per_layer, scan
 from edgekit.safety.suite import builtin_suite
-from edgekit.surgery import set_exit_layer
+from edgekit.model.surgery import set_exit_layer
 
 
 def _one_line_error(capsys, argv, *fragments):

@@ -13,9 +13,9 @@ import torch
 from conftest import processor_inputs
 from transformers import AutoModelForImageTextToText
 
-from edgekit.families import FAMILIES, family_for
-from edgekit.loading import load
-from edgekit.surgery import num_exit_layers, set_exit_layer, truncate, truncate_checkpoint
+from edgekit.model.families import FAMILIES, family_for
+from edgekit.model.loading import load
+from edgekit.model.surgery import num_exit_layers, set_exit_layer, truncate, truncate_checkpoint
 
 FAMILY_TYPES = [f.model_types[0] for f in FAMILIES]
 

@@ -56,7 +56,7 @@ from edgekit.align.sharding import fsdp_requested, fsdp_version, full, load_full
 from edgekit.errors import UserError
 from edgekit.outputs import atomic_dir, check_output_dir
 from edgekit.safety.suite import KINDS, Item, builtin_suite
-from edgekit.surgery import check_exit_layer, num_exit_layers
+from edgekit.model.surgery import check_exit_layer, num_exit_layers
 
 METHODS = ("lppo", "sft")
 # The language model's projections only: the vision tower has q/k/v projections too, and must stay frozen.
@@ -616,7 +616,7 @@ def align(
 
 def _replica(loaded, config: LPPOConfig, trained: dict):
     """An unsharded copy of the aligned policy on the CPU: the base model read again, with the trained weights."""
-    from edgekit.loading import load
+    from edgekit.model.loading import load
 
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     replica = load(loaded.source, dtype=dtype, revision=loaded.revision)

@@ -122,7 +122,7 @@ class HFRewardModel:
 
 def resolve_reward_model(spec: str) -> str:
     """A local model folder or a hub id, or a UserError that says what a reward source may be."""
-    from edgekit.loading import resolve_source
+    from edgekit.model.loading import resolve_source
 
     try:
         return resolve_source(spec)

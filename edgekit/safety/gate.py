@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from edgekit.errors import GateFailure
-from edgekit.runtime import Prompt, Runtime
+from edgekit.devices.runtime import Prompt, Runtime
 from edgekit.safety.judges import Judge
 from edgekit.safety.scan import METRICS, Answer, LayerResult, score_layer
 from edgekit.safety.suite import Item

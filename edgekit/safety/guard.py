@@ -36,7 +36,7 @@ class LlamaGuardJudge:
     def __init__(self, model: str = DEFAULT_GUARD, device: str = "cpu", max_new_tokens: int = 12):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from edgekit.loading import resolve_source
+        from edgekit.model.loading import resolve_source
 
         source = resolve_source(model)
         try:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edgekit.families import Family, attr_path, family_for
-from edgekit.surgery import check_exit_layer
+from edgekit.model.families import Family, attr_path, family_for
+from edgekit.model.surgery import check_exit_layer
 
 
 @dataclass(frozen=True)

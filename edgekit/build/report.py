@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from edgekit.report import LABELS
+from edgekit.safety.report import LABELS
 from edgekit.safety.scan import METRICS
 
 STAGE_NAMES = ("01_scan", "02_align", "03_truncate", "04_export", "05_safety", "06_bench")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from edgekit.errors import UserError
-from edgekit.families import Family, family_for
+from edgekit.model.families import Family, family_for
 
 # "auto" keeps the checkpoint's own dtype (a 7B fp16 model stays 14 GB, not 28).
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.build_config import BuildConfig
+from edgekit.build.config import BuildConfig
 from edgekit.errors import GateFailure, UserError
 from edgekit.outputs import atomic_dir
 
 STAGE_FILE = "stage.json"
 BUILD_MARK = "build_config.json"  # the resolved config; also marks a folder as a build (a rerun may write into it)
 DRIFT_DEFAULT_POINTS = 5.0
-RUNTIME_OF_SET = {"onnx": "onnx", "gguf": "llama", "hybrid": "hybrid"}  # export runtime set -> edgekit.runtime name
+RUNTIME_OF_SET = {"onnx": "onnx", "gguf": "llama", "hybrid": "hybrid"}  # export runtime set -> edgekit.devices.runtime name
 PYTORCH = "pytorch"  # the truncated checkpoint, run by transformers
 
 
@@ -100,7 +100,7 @@ class Stages:
 
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     from edgekit.align.rewards import reward_identity
-    from edgekit.demo import demo_model_path
+    from edgekit.model.demo import demo_model_path
     from edgekit.devices.profiles import load_profile
     from edgekit.safety.judges import make_judge
     from edgekit.safety.suite import builtin_suite
@@ -142,7 +142,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                             "prompts": cfg.bench_prompts, "max_new_tokens": cfg.max_new_tokens},
                lambda f: _bench(f, out, cfg))  # fmt: skip
 
-    from edgekit.build_report import write_report
+    from edgekit.build.report import write_report
     from edgekit.safety.gate import raise_if_failed
 
     verdicts = read_verdicts(out)
@@ -158,8 +158,8 @@ def check_request(cfg: BuildConfig, profile) -> tuple[int | None, int | None]:
     from edgekit.align.rewards import check_reward
     from edgekit.export.artifacts import check_request as check_export
     from edgekit.export.artifacts import parse_formats
-    from edgekit.families import family_for
-    from edgekit.loading import load_config
+    from edgekit.model.families import family_for
+    from edgekit.model.loading import load_config
     from edgekit.outputs import check_output_dir
 
     out = Path(cfg.output)
@@ -207,7 +207,7 @@ def gate_limits(cfg: BuildConfig, profile) -> dict[str, dict[str, float]]:
 
 
 def _load(source, cfg: BuildConfig):
-    from edgekit.loading import load
+    from edgekit.model.loading import load
 
     return load(source, dtype="float32", device=cfg.device, revision=cfg.revision if source == cfg.model else None)
 
@@ -215,7 +215,7 @@ def _load(source, cfg: BuildConfig):
 def _scan_into(tmp: Path, loaded, cfg: BuildConfig, items, layers, default_layer: int, name: str):
     from tqdm import tqdm
 
-    from edgekit.report import write_scan_report
+    from edgekit.safety.report import write_scan_report
     from edgekit.safety.judges import make_judge
     from edgekit.safety.scan import scan
 
@@ -244,7 +244,7 @@ def _align(folder: Path, source, cfg: BuildConfig) -> None:
 
 
 def _truncate(folder: Path, aligned: Path, cfg: BuildConfig) -> None:
-    from edgekit.surgery import truncate_checkpoint
+    from edgekit.model.surgery import truncate_checkpoint
 
     truncate_checkpoint(_load(aligned, cfg), cfg.exit_layer, folder, overwrite=True)
 
@@ -270,7 +270,7 @@ def evaluate_artifacts(out: Path, cfg: BuildConfig, items) -> dict[str, tuple[di
     """Each artifact's metrics, answers and error (a runtime or judge failure), in its own runtime."""
     from tqdm import tqdm
 
-    from edgekit.runtime import open_runtime
+    from edgekit.devices.runtime import open_runtime
     from edgekit.safety.gate import answer_items, metric_values
     from edgekit.safety.judges import make_judge
     from edgekit.safety.scan import scan
@@ -345,7 +345,7 @@ def read_verdicts(out: Path) -> tuple:
 
 
 def _bench(folder: Path, out: Path, cfg: BuildConfig) -> None:
-    from edgekit.bench import bench_in_subprocess
+    from edgekit.devices.bench import bench_in_subprocess
 
     rows = {}
     for name, runtime in artifact_runtimes(out).items():

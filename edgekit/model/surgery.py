@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from edgekit.errors import UserError
-from edgekit.families import Family, attr_path, family_for
+from edgekit.model.families import Family, attr_path, family_for
 
 _UNCUT = "_edgekit_uncut"  # plain attribute (not a registered submodule): state_dict never sees it
 

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from edgekit.families import attr_path
+from edgekit.model.families import attr_path
 from edgekit.safety.images import DANGEROUS, OBJECTS, random_object_scene, render
 
 

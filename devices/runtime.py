@@ -75,7 +75,7 @@ class TorchRuntime(Runtime):
     name = "pytorch"
 
     def __init__(self, loaded, exit_layer: int):
-        from edgekit.surgery import set_exit_layer
+        from edgekit.model.surgery import set_exit_layer
 
         super().__init__(loaded.processor)
         self.loaded, self.exit_layer = loaded, exit_layer
@@ -86,7 +86,7 @@ class TorchRuntime(Runtime):
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         import torch
 
-        from edgekit.surgery import set_exit_layer
+        from edgekit.model.surgery import set_exit_layer
 
         model, family, k = self.loaded.model, self.loaded.family, self.exit_layer
         set_exit_layer(model, k)  # another user of the model may have moved the exit
@@ -103,7 +103,7 @@ class OnnxRuntime(Runtime):
     name = "onnx"
 
     def __init__(self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",)):
-        from edgekit.runtime_onnx import OnnxVLM
+        from edgekit.devices.onnx_runtime import OnnxVLM
 
         super().__init__(processor)
         self.vlm = OnnxVLM(onnx_folder, providers=providers)
@@ -119,7 +119,7 @@ class LlamaCppRuntime(Runtime):
     name = "llama"
 
     def __init__(self, lm_gguf, mmproj_gguf, processor, **options):
-        from edgekit.runtime_llama import MtmdVLM
+        from edgekit.devices.llama_runtime import MtmdVLM
 
         super().__init__(processor)
         self.vlm = MtmdVLM(lm_gguf, mmproj_gguf, **options)
@@ -142,7 +142,7 @@ class HybridRuntime(Runtime):
     name = "hybrid"
 
     def __init__(self, onnx_folder, lm_gguf, processor, **options):
-        from edgekit.runtime_llama import HybridVLM
+        from edgekit.devices.llama_runtime import HybridVLM
 
         super().__init__(processor)
         self.vlm = HybridVLM(onnx_folder, lm_gguf, **options)

@@ -1,8 +1,8 @@
 """Latency and peak memory of one artifact in its runtime, each measured in a fresh process so that the peak resident
 memory is that runtime's own and not whatever ran before it in the build.
 
-    python -m edgekit.bench onnx|llama|hybrid EXPORT_DIR      # an `edgekit export` folder
-    python -m edgekit.bench pytorch CHECKPOINT --exit-layer K  # a (truncated) HF checkpoint
+    python -m edgekit.devices.bench onnx|llama|hybrid EXPORT_DIR      # an `edgekit export` folder
+    python -m edgekit.devices.bench pytorch CHECKPOINT --exit-layer K  # a (truncated) HF checkpoint
 
 prints one JSON object: load seconds, median time to first token, median decode tokens/s, peak RSS.
 """
@@ -24,15 +24,15 @@ def _rss_mib() -> float:
 
 
 def measure(kind: str, folder: str, prompts: int, max_new_tokens: int, exit_layer: int | None) -> dict:
-    from edgekit.runtime import Prompt, open_runtime
+    from edgekit.devices.runtime import Prompt, open_runtime
     from edgekit.safety.suite import builtin_suite
 
     items = builtin_suite().select("eval", kinds=("utility",), limit_per_kind=prompts)
     baseline = _rss_mib()  # interpreter and libraries, before any weight
     start = time.perf_counter()
     if kind == "pytorch":
-        from edgekit.loading import load
-        from edgekit.runtime import TorchRuntime
+        from edgekit.model.loading import load
+        from edgekit.devices.runtime import TorchRuntime
 
         runtime = TorchRuntime(load(folder, dtype="float32"), exit_layer)
     else:
@@ -59,7 +59,7 @@ def measure(kind: str, folder: str, prompts: int, max_new_tokens: int, exit_laye
 
 def bench_in_subprocess(kind: str, folder: str | Path, *, prompts: int = 5, max_new_tokens: int = 24,
                         exit_layer: int | None = None) -> dict:  # fmt: skip
-    cmd = [sys.executable, "-m", "edgekit.bench", kind, str(folder), "--prompts", str(prompts),
+    cmd = [sys.executable, "-m", "edgekit.devices.bench", kind, str(folder), "--prompts", str(prompts),
            "--max-new-tokens", str(max_new_tokens)]  # fmt: skip
     if exit_layer is not None:
         cmd += ["--exit-layer", str(exit_layer)]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekit.families import family_for
+from edgekit.model.families import family_for
 from edgekit.safety.images import (
     BENIGN,
     COLORS,
@@ -39,7 +39,7 @@ from edgekit.safety.images import (
     render,
 )
 from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS, builtin_suite
-from edgekit.tiny import TinySizes, build_tiny, save_tiny
+from edgekit.model.tiny import TinySizes, build_tiny, save_tiny
 
 REFUSAL = "sorry i cannot help with that ."
 COMPLIANCE = "sure here are the steps : first get what you need , then follow the guide step by step ."

@@ -7,7 +7,7 @@ by llama.cpp's own vision path (mtmd + an mmproj GGUF) or by image embeddings co
   `llama-mtmd-cli` and llama-cpp-python's MTMDChatHandler do. mtmd tokenizes the text and preprocesses the image
   itself (LLaVA-1.5: pads to a square instead of centre-cropping), and its LLaVA graph puts CLS after the patches
   (ggml-org/llama.cpp#25814), so its image embeddings differ from transformers': measure it, never assume parity.
-- `HybridVLM`: the ONNX vision graph (`edgekit.runtime_onnx.OnnxVLM`) computes the image features exactly as
+- `HybridVLM`: the ONNX vision graph (`edgekit.devices.onnx_runtime.OnnxVLM`) computes the image features exactly as
   transformers does; they go to llama.cpp's decoder as embeddings at the image-token positions, and the prompt's
   other tokens (from the HF processor) as ordinary tokens. This sidesteps the upstream CLS-ordering bug.
 """
@@ -131,7 +131,7 @@ class HybridVLM:
     """Vision graph in ONNX Runtime, language model in llama.cpp; `generate` takes processor-built inputs."""
 
     def __init__(self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, **decoder_options):
-        from edgekit.runtime_onnx import OnnxVLM
+        from edgekit.devices.onnx_runtime import OnnxVLM
 
         self.vision = OnnxVLM(onnx_folder)
         if self.vision.cross:
@@ -142,7 +142,7 @@ class HybridVLM:
     def prefill(self, inputs: Mapping, features: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Decode the prompt: runs of text tokens as tokens, runs of image tokens as the image features, in order.
         Returns the last logits and the next position."""
-        from edgekit.runtime_onnx import _np
+        from edgekit.devices.onnx_runtime import _np
 
         ids = _np(inputs["input_ids"])
         if ids.shape[0] != 1:

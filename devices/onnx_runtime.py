@@ -120,7 +120,7 @@ class OnnxVLM:
     """The three graphs of an exported folder and a greedy generate loop with its own KV cache."""
 
     def __init__(self, folder, providers: Sequence[str] = ("CPUExecutionProvider",), session_options=None):
-        from edgekit.families import family_for
+        from edgekit.model.families import family_for
 
         self.folder = Path(folder)
         self.config: dict[str, Any] = json.loads((self.folder / DESCRIPTION_FILE).read_text())

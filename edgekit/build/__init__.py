@@ -1,0 +1,1 @@
+"""The build: stage engine, the flow, its config, report and verify."""
