@@ -440,7 +440,7 @@ def export_all(loaded, layers: list[int], exit_layer: int, work: Path, threads: 
     """Vision-only ONNX graphs at every k, then full ONNX folders and LM + mmproj GGUFs at `exit_layer`."""
     from edgekit.export.artifacts import export_artifacts
     from edgekit.export.onnx import export_onnx
-    from edgekit.devices.onnx_runtime import VISION_FILE
+    from edgekit.export.onnx_format import VISION_FILE
 
     exports: dict = {"vision_by_k": {}, "onnx": {}, "gguf": {}}
     for k in layers:

@@ -1,8 +1,5 @@
 """ONNX Runtime generate loop over an `edgekit.export.onnx` folder: numpy + onnxruntime only, greedy, own KV cache.
 
-This module also holds the folder's format contract (file and tensor names), which the exporter imports, so the
-runtime never needs torch's exporter code.
-
 Host-side work between the graphs, by family (recorded in `edgekit_onnx.json` under `host_side`):
 - LLaVA-1.5: image features replace, in order, the embeddings at `input_ids == image_token_id`.
 - LLaVA-NeXT: each image's anyres tiles (count from `image_sizes` and the pinpoints) go through the vision graph
@@ -25,37 +22,7 @@ from typing import Any
 
 import numpy as np
 
-VISION_FILE = "vision_encoder.onnx"
-EMBED_FILE = "embed_tokens.onnx"
-DECODER_FILE = "decoder_model_merged.onnx"
-DESCRIPTION_FILE = "edgekit_onnx.json"
-NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT only
-GRAPH_FILES = (VISION_FILE, EMBED_FILE, DECODER_FILE)
-
-
-class Names:
-    """Input and output names of the graphs (the onnx-community names where one exists)."""
-
-    PIXEL_VALUES = "pixel_values"
-    ASPECT_RATIO_IDS = "aspect_ratio_ids"
-    ASPECT_RATIO_MASK = "aspect_ratio_mask"
-    IMAGE_SIZES = "image_sizes"  # processor output, host-side only (LLaVA-NeXT)
-    IMAGE_FEATURES = "image_features"
-    INPUT_IDS = "input_ids"
-    INPUTS_EMBEDS = "inputs_embeds"
-    ATTENTION_MASK = "attention_mask"
-    POSITION_IDS = "position_ids"
-    CROSS_ATTENTION_STATES = "cross_attention_states"
-    CROSS_ATTENTION_MASK = "cross_attention_mask"
-    LOGITS = "logits"
-
-    @staticmethod
-    def past(layer: int, kind: str) -> str:  # kind: "key" | "value"
-        return f"past_key_values.{layer}.{kind}"
-
-    @staticmethod
-    def present(layer: int, kind: str) -> str:
-        return f"present.{layer}.{kind}"
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE, Names
 
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,

@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache
 
 from edgekit.errors import UserError
 from edgekit.model.families import Family, attr_path
-from edgekit.devices.onnx_runtime import (  # the folder's format contract lives beside its reader
+from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
     EMBED_FILE,

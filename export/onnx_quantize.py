@@ -32,15 +32,8 @@ import onnx
 
 from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
-from edgekit.devices.onnx_runtime import (
-    DECODER_FILE,
-    DESCRIPTION_FILE,
-    EMBED_FILE,
-    GRAPH_FILES,
-    NEWLINE_FILE,
-    VISION_FILE,
-    OnnxVLM,
-)
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, GRAPH_FILES, NEWLINE_FILE, VISION_FILE
 
 SCHEMES = ("int8_dynamic", "int8_qdq", "int4", "fp16")
 INT4_BLOCK_SIZE = 32

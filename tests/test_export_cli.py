@@ -24,7 +24,8 @@ from edgekit.export.artifacts import export_artifacts
 from edgekit.export.gguf import CLIP_VISION_FEATURE_LAYER
 from edgekit.export.manifest import FileEntry, file_entry, read_manifest, verify_hashes, write_manifest
 from edgekit.model.loading import load
-from edgekit.devices.onnx_runtime import DESCRIPTION_FILE, OnnxVLM
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.export.onnx_format import DESCRIPTION_FILE
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
 K = 12

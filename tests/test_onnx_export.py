@@ -19,16 +19,8 @@ from conftest import sample_image
 from edgekit.export.onnx import export_onnx
 from edgekit.model.families import FAMILIES
 from edgekit.model.loading import LoadedModel, load
-from edgekit.devices.onnx_runtime import (
-    DECODER_FILE,
-    DESCRIPTION_FILE,
-    EMBED_FILE,
-    GRAPH_FILES,
-    NEWLINE_FILE,
-    VISION_FILE,
-    Names,
-    OnnxVLM,
-)
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, GRAPH_FILES, NEWLINE_FILE, VISION_FILE, Names
 from edgekit.safety.suite import builtin_suite
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
 

@@ -13,7 +13,8 @@ from test_onnx_export import FAMILY_TYPES, GEN_EXIT, MAX_NEW_TOKENS, build_input
 
 from edgekit.errors import UserError
 from edgekit.export.onnx_quantize import SCHEMES, quantize
-from edgekit.devices.onnx_runtime import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE, OnnxVLM
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE
 
 FAST_PROMPTS, SLOW_PROMPTS = 3, 20
 CALIBRATION = range(50, 52)  # benign calibration images + prompts, disjoint from the evaluation ones
