@@ -17,8 +17,10 @@ from edgekit.safety.images import DANGEROUS, OBJECTS, random_object_scene, rende
 
 @torch.no_grad()
 def pooled_features(loaded, scenes, layers, batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """Mean patch-token hidden state of each layer for each scene (one tower forward per batch)."""
-    tower = attr_path(loaded.model, loaded.family.tower)
+    """Mean hidden state of the tokens the projector reads (the family's rule), per layer and scene; one tower forward
+    per batch."""
+    family, config = loaded.family, loaded.model.config
+    tower = attr_path(loaded.model, family.tower)
     processor = loaded.processor.image_processor
     out: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
     for start in range(0, len(scenes), batch_size):
@@ -26,7 +28,7 @@ def pooled_features(loaded, scenes, layers, batch_size: int = 64) -> dict[int, t
         pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(tower.device, tower.dtype)
         hidden = tower(pixels, output_hidden_states=True).hidden_states
         for k in layers:
-            out[k].append(hidden[k][:, 1:].mean(1).float().cpu())
+            out[k].append(family.patch_tokens(config, hidden[k]).mean(1).float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -19,13 +19,14 @@ from gguf import GGMLQuantizationType as QType
 from gguf import MODEL_TENSOR, TokenType
 
 from edgekit.errors import UserError
+from edgekit.export.quantizations import LLAMA_CPP_QTYPES
+from edgekit.model.families import head_dim
 
 FTYPES = {  # ftype name -> (type for 2-D weights, general.file_type)
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-LLAMA_CPP_QTYPES = ("q4_0", "q4_k_m", "q6_k", "q8_0")  # llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>
 
 # clip-impl.h KEY_FEATURE_LAYERS; named in gguf-py after the 0.19 PyPI release.
 CLIP_VISION_FEATURE_LAYER = getattr(gguf.Keys.ClipVision, "FEATURE_LAYERS", "clip.vision.feature_layer")
@@ -84,7 +85,7 @@ def write_language_model(
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"rope_type {rope['rope_type']!r}: the GGUF writer supports default RoPE only (use ONNX)")
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    dim = head_dim(config)
     n_vocab = config.vocab_size  # embedding rows; the token list is padded to match
 
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
@@ -95,9 +96,9 @@ def write_language_model(
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(dim)
+    w.add_value_length(dim)
+    w.add_rope_dimension_count(dim)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(n_vocab)

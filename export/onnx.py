@@ -7,13 +7,13 @@
     edgekit_onnx.json           every input/output with shape and dtype, the exit layer, image preprocessing,
                                 chat template, special token ids, and what the host must do between the graphs
 
-Per family (all differences are read from the family table and the config):
+Per family (every difference comes from the family table, `edgekit.model.families`):
 - LLaVA-1.5: the vision graph is the k-block CLIP tower, CLS dropped, projector applied: [images, tokens, d_text].
   The host scatters the features into the embeddings at the image-token positions.
 - LLaVA-NeXT: the vision graph takes the stacked anyres tiles of all images [tiles, 3, H, W] and returns per-tile
   features [tiles, tokens, d_text]. Unpadding and packing with `image_newline` depend on each image's size (data-
-  dependent shapes), so they stay on the host (`edgekit.devices.onnx_runtime`, numpy); `image_newline.npy` ships beside the
-  graphs.
+  dependent shapes), so they stay on the host (`edgekit.devices.onnx_runtime`, numpy); `image_newline.npy` ships
+  beside the graphs.
 - Llama 3.2 Vision: the vision graph returns the cross-attention states [images*tiles, patches, d_text]. The decoder
   takes `cross_attention_states` and the processor's `cross_attention_mask` rows for the tokens being processed at
   EVERY step and recomputes the cross-attention K/V from them (no cross-attention cache): one merged graph with no
@@ -42,8 +42,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from edgekit.errors import UserError
-from edgekit.model.families import Family, attr_path
+from edgekit.model.families import Family, attr_path, eos_ids, head_dim, text_config
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -55,7 +54,7 @@ from edgekit.export.onnx_format import (
 )
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the anyres pinpoints are "grid_pinpoints"; the checkpoint type is no longer recorded
 
 
 @dataclass(frozen=True)
@@ -66,39 +65,6 @@ class OnnxExport:
 
 
 # --- wrappers: flat tensors in, flat tensors out ------------------------------------------------------------------
-class _LlavaVision(nn.Module):
-    """k-block CLIP tower -> (CLS dropped) -> projector; used for LLaVA-1.5 images and LLaVA-NeXT tiles alike."""
-
-    def __init__(self, model, family: Family):
-        super().__init__()
-        self.tower = attr_path(model, family.tower)
-        self.projector = attr_path(model, family.projector)
-        self.drop_cls = model.config.vision_feature_select_strategy == "default"
-
-    def forward(self, pixel_values):
-        # The tower holds exactly k blocks, so its last hidden state is block k's output = hidden_states[k].
-        hidden = self.tower(pixel_values).last_hidden_state
-        if self.drop_cls:
-            hidden = hidden[:, 1:]
-        return self.projector(hidden)
-
-
-class _MllamaVision(nn.Module):
-    """Tower (local stack cut at k, global stack kept) -> projector: the cross-attention states."""
-
-    def __init__(self, model, family: Family):
-        super().__init__()
-        self.tower = attr_path(model, family.tower)
-        self.projector = attr_path(model, family.projector)
-
-    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        vision = self.tower(
-            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
-        ).last_hidden_state
-        projected = self.projector(vision)
-        return projected.reshape(-1, vision.shape[-2], projected.shape[-1])
-
-
 class _Embed(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -121,15 +87,15 @@ def _additive_causal_mask(attention_mask: torch.Tensor, query_len_like: torch.Te
 class _Decoder(nn.Module):
     """Language model + LM head over a DynamicCache rebuilt from (and flattened back to) flat past tensors."""
 
-    def __init__(self, model, past_layers: list[int], cross: bool):
+    def __init__(self, model, family: Family, past_layers: list[int]):
         super().__init__()
-        self.lm = model.model.language_model
-        self.lm_head = model.lm_head
-        self.text_config = model.config.get_text_config(decoder=True)
-        self.past_layers, self.cross = past_layers, cross
+        self.lm = attr_path(model, family.language_model)
+        self.lm_head = model.get_output_embeddings()
+        self.text_config = text_config(model.config)
+        self.family, self.past_layers, self.cross = family, past_layers, family.cross_attention
         self.num_layers = self.text_config.num_hidden_layers
-        if cross:
-            self.num_vision_tokens = model.model.vision_model.num_patches
+        if self.cross:
+            self.num_vision_tokens = family.vision_tokens_per_tile(model)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
         if self.cross:
@@ -143,13 +109,8 @@ class _Decoder(nn.Module):
         mask = _additive_causal_mask(attention_mask, inputs_embeds[0, :, 0], inputs_embeds.dtype)
         extra = {}
         if self.cross:
-            from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
-
-            prepared, full_row = _prepare_cross_attention_mask(cross_mask, self.num_vision_tokens, inputs_embeds.dtype)
-            extra = {
-                "cross_attention_states": cross_states, "cross_attention_mask": prepared,
-                "full_text_row_masked_out_mask": full_row,
-            }  # fmt: skip
+            dtype = inputs_embeds.dtype
+            extra = self.family.cross_attention_lm_inputs(cross_states, cross_mask, self.num_vision_tokens, dtype)
         out = self.lm(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
             use_cache=True, **extra,
@@ -171,38 +132,17 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         )  # fmt: skip
 
 
-def _past_layers(model) -> list[int]:
-    text = model.config.get_text_config(decoder=True)
-    cross = set(getattr(text, "cross_attention_layers", None) or [])
-    return [i for i in range(text.num_hidden_layers) if i not in cross]
+def _export_vision(vision: nn.Module, inputs: dict, family: Family, path: Path, opset: int) -> None:
+    axes = {**family.onnx_vision_axes, Names.IMAGE_FEATURES: family.onnx_features_axes}
+    _export(vision, tuple(inputs.values()), path, list(inputs), [Names.IMAGE_FEATURES], axes, opset)
 
 
-def _is_cross(model) -> bool:
-    """The image reaches the language model through cross-attention layers (Llama 3.2 Vision), not as tokens."""
-    return bool(getattr(model.config.get_text_config(decoder=True), "cross_attention_layers", None))
-
-
-def _is_anyres(model) -> bool:
-    """Images come as a base tile plus a grid of tiles packed with newline tokens (LLaVA-NeXT)."""
-    return isinstance(getattr(model.config, "image_grid_pinpoints", None), list)
-
-
-def _export_vision(model, family: Family, inputs: dict, path: Path, opset: int) -> None:
-    n = Names
-    if _is_cross(model):
-        names = [n.PIXEL_VALUES, n.ASPECT_RATIO_IDS, n.ASPECT_RATIO_MASK]
-        args = (inputs[n.PIXEL_VALUES].float(), inputs[n.ASPECT_RATIO_IDS], inputs[n.ASPECT_RATIO_MASK])
-        axes = {
-            n.PIXEL_VALUES: {0: "batch_size", 1: "num_images"}, n.ASPECT_RATIO_IDS: {0: "batch_size", 1: "num_images"},
-            n.ASPECT_RATIO_MASK: {0: "batch_size", 1: "num_images"}, n.IMAGE_FEATURES: {0: "num_images_x_tiles"},
-        }  # fmt: skip
-        _export(_MllamaVision(model, family), args, path, names, [n.IMAGE_FEATURES], axes, opset)
-    else:
-        pixels = inputs[n.PIXEL_VALUES].float()
-        if pixels.dim() == 5:  # LLaVA-NeXT [images, tiles, C, H, W]: the graph takes the stacked tiles
-            pixels = pixels.flatten(0, 1)
-        axes = {n.PIXEL_VALUES: {0: "num_tiles"}, n.IMAGE_FEATURES: {0: "num_tiles"}}
-        _export(_LlavaVision(model, family), (pixels,), path, [n.PIXEL_VALUES], [n.IMAGE_FEATURES], axes, opset)
+def _vision_inputs(family: Family, inputs: dict) -> dict[str, torch.Tensor]:
+    """The vision graph's sample inputs, by name: float pixels; anyres tiles [images, tiles, C, H, W] stacked."""
+    sample = {name: inputs[name] for name in family.onnx_vision_axes}
+    pixels = sample[Names.PIXEL_VALUES].float()
+    sample[Names.PIXEL_VALUES] = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels
+    return sample
 
 
 def _export_embed(model, path: Path, opset: int) -> None:
@@ -213,20 +153,19 @@ def _export_embed(model, path: Path, opset: int) -> None:
     _export(_Embed(model), (ids,), path, [n.INPUT_IDS], [n.INPUTS_EMBEDS], axes, opset)
 
 
-def _export_decoder(model, cross_states: torch.Tensor | None, path: Path, opset: int) -> None:
+def _export_decoder(model, family: Family, cross_states: torch.Tensor | None, path: Path, opset: int) -> None:
     n = Names
-    text = model.config.get_text_config(decoder=True)
-    kv_heads = text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text = text_config(model.config)
+    kv_heads, dim = text.num_key_value_heads, head_dim(text)
     batch, seq, past = 1, 3, 2  # traced with a non-empty past; prefill runs with past length 0
     embeds = torch.randn(batch, seq, text.hidden_size)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq)[None]
-    layers = _past_layers(model)
+    layers = family.self_attention_layers(model.config)
     flat_past, past_names, present_names = [], [], []
     for layer in layers:
         for kind in ("key", "value"):
-            flat_past.append(torch.randn(batch, kv_heads, past, head_dim))
+            flat_past.append(torch.randn(batch, kv_heads, past, dim))
             past_names.append(n.past(layer, kind))
             present_names.append(n.present(layer, kind))
     axes: dict[str, dict[int, str]] = {
@@ -239,17 +178,16 @@ def _export_decoder(model, cross_states: torch.Tensor | None, path: Path, opset:
     axes |= {name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names}
     args: list[torch.Tensor] = [embeds, mask, positions]
     names = [n.INPUTS_EMBEDS, n.ATTENTION_MASK, n.POSITION_IDS]
-    cross = _is_cross(model)
-    if cross:
+    if family.cross_attention:
         assert cross_states is not None
-        n_images = cross_states.shape[0] // model.config.vision_config.max_num_tiles
-        cross_mask = torch.ones(batch, seq, n_images, model.config.vision_config.max_num_tiles, dtype=torch.long)
+        tiles = family.max_tiles(model.config)
+        cross_mask = torch.ones(batch, seq, cross_states.shape[0] // tiles, tiles, dtype=torch.long)
         args += [cross_states.detach(), cross_mask]
         names += [n.CROSS_ATTENTION_STATES, n.CROSS_ATTENTION_MASK]
         axes[n.CROSS_ATTENTION_STATES] = {0: "num_images_x_tiles"}
         axes[n.CROSS_ATTENTION_MASK] = {0: "batch_size", 1: "sequence_length", 2: "num_images"}
     _export(
-        _Decoder(model, layers, cross), tuple(args + flat_past), path, names + past_names,
+        _Decoder(model, family, layers), tuple(args + flat_past), path, names + past_names,
         [n.LOGITS, *present_names], axes, opset,
     )  # fmt: skip
 
@@ -282,11 +220,11 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _preprocessing(processor, model) -> dict[str, Any]:
+def _preprocessing(processor, model, family: Family) -> dict[str, Any]:
     ip = processor.image_processor
     keys = (
         "size", "crop_size", "image_mean", "image_std", "rescale_factor", "do_resize", "do_center_crop", "do_rescale",
-        "do_normalize", "do_convert_rgb", "do_pad", "resample", "image_grid_pinpoints", "max_image_tiles",
+        "do_normalize", "do_convert_rgb", "do_pad", "resample", *family.preprocessing_keys,
     )  # fmt: skip
     out = {"processor_class": type(processor).__name__, "image_processor_class": type(ip).__name__}
     out |= {k: _jsonable(getattr(ip, k)) for k in keys if getattr(ip, k, None) is not None}
@@ -295,15 +233,9 @@ def _preprocessing(processor, model) -> dict[str, Any]:
     return out
 
 
-def _eos_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.get_text_config(decoder=True).eos_token_id
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-
-
-def _host_side(model) -> dict[str, Any]:
-    if _is_cross(model):
+def _host_side(family: Family) -> dict[str, Any]:
+    """What a runtime does between the graphs for the family's way of feeding the image (see module doc)."""
+    if family.cross_attention:
         return {
             "kind": "cross_attention",
             "steps": [
@@ -317,7 +249,7 @@ def _host_side(model) -> dict[str, Any]:
             "each step",
         }  # fmt: skip
     steps = ["vision_encoder(pixel_values) -> image_features [n, tokens, d_text]"]
-    if _is_anyres(model):
+    if family.anyres:
         steps = [
             "select each image's tiles: pixel_values[i, :num_tiles(image_sizes[i])], num_tiles = 1 + grid cells "
             "of the best pinpoint resolution (select_best_resolution)",
@@ -336,13 +268,11 @@ def _host_side(model) -> dict[str, Any]:
 
 
 def _describe(model, processor, family: Family, exit_layer: int, folder: Path, opset: int) -> dict[str, Any]:
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text = text_config(model.config)
     tokenizer = processor.tokenizer
     desc: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
-        "model_type": model.config.model_type,
         "exit_layer": exit_layer,
         "num_exit_layers": num_exit_layers(model),
         "exit_layer_convention": "1-based vision block k = HF hidden_states[k]",
@@ -350,40 +280,28 @@ def _describe(model, processor, family: Family, exit_layer: int, folder: Path, o
         "opset": opset,
         "graphs": {name: graph_io(folder / name) for name in GRAPH_FILES if (folder / name).is_file()},
         "decoder": {
-            "past_layers": _past_layers(model),
+            "past_layers": family.self_attention_layers(model.config),
             "num_hidden_layers": text.num_hidden_layers,
             "num_key_value_heads": text.num_key_value_heads,
-            "head_dim": head_dim,
+            "head_dim": head_dim(text),
             "hidden_size": text.hidden_size,
             "vocab_size": text.vocab_size,
             "past_layout": "[batch, num_key_value_heads, past_sequence_length, head_dim]; prefill with length 0",
             "position_ids": "cumsum(attention_mask) - 1 for the tokens being processed",
         },
-        "host_side": _host_side(model),
-        "preprocessing": _preprocessing(processor, model),
-        "vision_feature_select_strategy": getattr(model.config, "vision_feature_select_strategy", None),
+        "host_side": _host_side(family),
+        "preprocessing": _preprocessing(processor, model, family),
+        "vision_feature_select_strategy": family.feature_select_strategy(model.config),
         "chat_template": processor.chat_template,
         "image_token": getattr(processor, "image_token", None),
-        "image_token_id": int(model.config.image_token_id),
-        "eos_token_ids": _eos_ids(model),
+        "image_token_id": family.image_token_id(model.config),
+        "eos_token_ids": eos_ids(model),
         "bos_token_id": tokenizer.bos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if _is_anyres(model):
-        desc["anyres"] = {
-            "image_grid_pinpoints": model.config.image_grid_pinpoints,
-            "tile_size": model.config.vision_config.image_size,
-            "tokens_per_side": model.config.vision_config.image_size // model.config.vision_config.patch_size,
-            "image_newline_file": NEWLINE_FILE,
-        }
-    if _is_cross(model):
-        desc["cross_attention"] = {
-            "cross_attention_layers": list(text.cross_attention_layers),
-            "max_num_tiles": model.config.vision_config.max_num_tiles,
-            "num_vision_tokens_per_tile": model.model.vision_model.num_patches,
-            "cross_attention_mask": "processor output [batch, seq, num_images, max_num_tiles] (int64), rows for "
-            "the tokens being processed",
-        }
+    desc |= family.onnx_sections(model)
+    if family.anyres:
+        desc["anyres"]["image_newline_file"] = NEWLINE_FILE
     return desc
 
 
@@ -393,8 +311,7 @@ def export_onnx(model, processor, family: Family, exit_layer: int, out_dir, opse
     the graphs plus `edgekit_onnx.json` into `out_dir`. `sample_inputs` are processor outputs to trace the vision
     graph with (a blank image through `processor` when omitted). `parts` limits which graphs are (re)written, e.g.
     only the vision graph for a scan over exit layers; the JSON describes every graph in the folder."""
-    if model.config.model_type not in family.model_types:
-        raise UserError(f"model_type {model.config.model_type!r} is not {family.name} ({'/'.join(family.model_types)})")
+    family.check_config(model.config)
     unknown = set(parts) - set(GRAPH_FILES)
     if unknown:
         raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {', '.join(GRAPH_FILES)}")
@@ -403,21 +320,20 @@ def export_onnx(model, processor, family: Family, exit_layer: int, out_dir, opse
     set_exit_layer(model, exit_layer)
     model.eval()
     inputs = dict(sample_inputs) if sample_inputs is not None else _blank_inputs(processor)
+    vision, vision_inputs = family.vision_graph(model), _vision_inputs(family, inputs)
     cross_states = None
-    if _is_cross(model):
+    if family.cross_attention:  # the decoder is traced with the image's real cross-attention states
         with torch.no_grad():
-            cross_states = _MllamaVision(model, family)(
-                inputs[Names.PIXEL_VALUES].float(), inputs[Names.ASPECT_RATIO_IDS], inputs[Names.ASPECT_RATIO_MASK]
-            )
+            cross_states = vision(*vision_inputs.values())
     if VISION_FILE in parts:
-        _export_vision(model, family, inputs, out / VISION_FILE, opset)
+        _export_vision(vision, vision_inputs, family, out / VISION_FILE, opset)
     if EMBED_FILE in parts:
         _export_embed(model, out / EMBED_FILE, opset)
     if DECODER_FILE in parts:
-        _export_decoder(model, cross_states, out / DECODER_FILE, opset)
+        _export_decoder(model, family, cross_states, out / DECODER_FILE, opset)
     files = [name for name in GRAPH_FILES if (out / name).is_file()]
-    if _is_anyres(model):
-        np.save(out / NEWLINE_FILE, model.model.image_newline.detach().float().numpy())
+    if family.anyres:  # the newline embedding the host packs between tile rows
+        np.save(out / NEWLINE_FILE, family.image_newline(model).detach().float().numpy())
         files.append(NEWLINE_FILE)
     desc = _describe(model, processor, family, exit_layer, out, opset)
     (out / DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2))

@@ -97,7 +97,7 @@ def pytorch_greedy(tiny: Tiny, inputs: dict, k: int, max_new_tokens: int = MAX_N
     model, family = tiny.loaded.model, tiny.loaded.family
     set_exit_layer(model, k)
     with torch.no_grad():
-        if "mllama" in family.model_types:
+        if family.cross_attention:
             # Not family.lm_inputs: generate() would hand `cross_attention_states` to every decode step and the
             # cross-attention cache would append a second copy of the image K/V. From pixel_values, transformers
             # runs its own tower (cut at k) once, at prefill.
@@ -238,12 +238,12 @@ def test_description_json(family, tiny_checkpoints, tmp_path_factory):
     assert inputs[Names.ATTENTION_MASK]["dtype"] == "int64"
     assert [t["name"] for t in desc["graphs"][EMBED_FILE]["outputs"]] == [Names.INPUTS_EMBEDS]
     assert [t["name"] for t in desc["graphs"][VISION_FILE]["outputs"]] == [Names.IMAGE_FEATURES]
+    assert [t["name"] for t in desc["graphs"][VISION_FILE]["inputs"]] == list(tiny.loaded.family.onnx_vision_axes)
     if family == "llava_next":
-        assert desc["anyres"]["image_grid_pinpoints"] == config.image_grid_pinpoints
+        assert desc["anyres"]["grid_pinpoints"] == config.image_grid_pinpoints
         assert (folder / NEWLINE_FILE).is_file()
     if family == "mllama":
         assert set(layers).isdisjoint(config.text_config.cross_attention_layers)
         assert {Names.CROSS_ATTENTION_STATES, Names.CROSS_ATTENTION_MASK} <= set(inputs)
-        assert [t["name"] for t in desc["graphs"][VISION_FILE]["inputs"]] == list(tiny.loaded.family.onnx_image_inputs)
     else:
         assert len(layers) == config.text_config.num_hidden_layers

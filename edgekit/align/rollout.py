@@ -74,20 +74,20 @@ def prepare_batch(model, family, processor, items: Sequence[Item], exit_layer: i
     inputs = {name: value.to(model.device) for name, value in chat_inputs(processor, items).items()}
     with torch.no_grad():
         features = family.features_per_layer(model, inputs, [exit_layer])[exit_layer]
-    image_inputs = set(family.onnx_image_inputs)
+    image_inputs = set(family.image_inputs)
     size = inputs["input_ids"].shape
     text_inputs = {
         k: v for k, v in inputs.items() if k not in image_inputs and torch.is_tensor(v) and v.shape[:2] == size
     }
-    return Batch(tuple(items), exit_layer, text_inputs, _split_rows(model, text_inputs["input_ids"], features))
+    return Batch(tuple(items), exit_layer, text_inputs, _split_rows(model, family, text_inputs["input_ids"], features))
 
 
-def _split_rows(model, input_ids: Tensor, features: Tensor) -> tuple[Tensor, ...]:
-    """Per-row pieces of a batch's features. Features that fill image tokens ([n_image_tokens, d], LLaVA-1.5 and
-    LLaVA-NeXT, whose rows may hold different numbers) split by each row's image-token count; features with a leading
-    per-image dimension (Mllama's cross-attention states, one image per row here) split evenly."""
-    if features.dim() == 2:
-        counts = (input_ids == model.config.image_token_id).sum(dim=1).tolist()
+def _split_rows(model, family, input_ids: Tensor, features: Tensor) -> tuple[Tensor, ...]:
+    """Per-row pieces of a batch's features. Features that fill image tokens ([n_image_tokens, d], whose rows may
+    hold different numbers) split by each row's image-token count; cross-attention states (a leading per-image
+    dimension, one image per row here) split evenly."""
+    if not family.cross_attention:
+        counts = (input_ids == family.image_token_id(model.config)).sum(dim=1).tolist()
         return tuple(torch.split(features, counts))
     return tuple(torch.chunk(features, input_ids.shape[0]))
 
@@ -117,7 +117,7 @@ def generate(
         model, family.lm_inputs(model, batch.inputs, batch.features()), max_new_tokens=max_new_tokens,
         **(sampling if temperature > 0 else {"do_sample": False}), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
-        suppress_tokens=special_ids_to_suppress(tokenizer, getattr(model.config, "image_token_id", None)),
+        suppress_tokens=special_ids_to_suppress(tokenizer, family.image_token_id(model.config)),
     )  # fmt: skip
     mask = response_mask(new, tokenizer.eos_token_id)
     ids = torch.where(mask, new, tokenizer.pad_token_id)

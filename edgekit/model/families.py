@@ -14,7 +14,7 @@ One convention for layers everywhere: exit layer k (1..L) is the output of visio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,18 +30,72 @@ def attr_path(obj: Any, path: str) -> Any:
     return obj
 
 
+def text_config(config):
+    """The language model's config (the decoder's, where the text side has an encoder too)."""
+    return config.get_text_config(decoder=True)
+
+
+def head_dim(text) -> int:
+    """Width of one attention head of a text config; configs without `head_dim` imply hidden_size / heads."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def eos_ids(model) -> list[int]:
+    """The ids that end generation: the generation config's, else the text config's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = text_config(model.config).eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
 @dataclass(frozen=True)
 class Family:
-    """What edgekit needs to know of one model family; subclasses only where the maths differs."""
+    """What edgekit needs to know of one model family; other modules read config names and module paths only here.
+    Defaults and methods are LLaVA-1.5's: as in optimum's normalized configs, an entry of `FAMILIES` declares what
+    differs, and a subclass overrides only the maths that differs (with the class-level facts that follow from it)."""
 
     name: str  # human name, used in messages and README
     model_types: tuple[str, ...]  # config.model_type values it accepts
-    model_class: str  # transformers class of the full model
-    tower: str  # attribute path from the full model to the vision tower
-    blocks: str  # attribute path from the tower to its module holding `.layers` (the exitable stack)
-    projector: str  # attribute path from the full model to the projector
-    gguf_projector: str | None  # clip.cpp projector type; None: llama.cpp cannot run this family
-    onnx_image_inputs: tuple[str, ...]  # processor outputs the vision graph takes
+    tower: str = "model.vision_tower"  # attribute path from the full model to the vision tower
+    blocks: str = "encoder"  # attribute path from the tower to its module holding `.layers` (the exitable stack)
+    projector: str = "model.multi_modal_projector"  # attribute path from the full model to the projector
+    language_model: str = "model.language_model"  # attribute path from the full model to the decoder stack
+    image_inputs: tuple[str, ...] = ("pixel_values",)  # processor outputs that carry the image (the rest are text)
+    gguf_language_model: bool = True  # llama.cpp runs the language model, so an LM GGUF can be written
+    gguf_projector: str | None = None  # clip.cpp projector type of the mmproj edgekit writes; None: it writes none
+    # Set by the subclass whose maths they name, which then also provides image_newline (anyres), or max_tiles,
+    # vision_tokens_per_tile and cross_attention_lm_inputs (cross_attention).
+    anyres: ClassVar[bool] = False  # images are a base tile plus a grid of tiles, packed with newline embeddings
+    cross_attention: ClassVar[bool] = False  # the image reaches the LM through cross-attention, not image tokens
+    preprocessing_keys: ClassVar[tuple[str, ...]] = ()  # image-processor settings only this family has
+    # ONNX vision graph: its inputs (processor output names) with their dynamic axes, then the image features' axes
+    onnx_vision_axes: ClassVar[dict[str, dict[int, str]]] = {"pixel_values": {0: "num_tiles"}}
+    onnx_features_axes: ClassVar[dict[int, str]] = {0: "num_tiles"}
+
+    # --- config names ------------------------------------------------------------------------------------------
+    def check_config(self, config) -> None:
+        if config.model_type not in self.model_types:
+            raise UserError(f"model_type {config.model_type!r} is not {self.name} ({'/'.join(self.model_types)})")
+
+    def manifest_fields(self, config) -> dict[str, str]:
+        """How an artifact's manifest names the model's family."""
+        return {"family": self.name, "model_type": config.model_type}
+
+    def image_token_id(self, config) -> int:
+        """The prompt token that stands for the image (LLaVA: replaced by its features; Mllama: marks its place)."""
+        return int(config.image_token_id)
+
+    def feature_select_strategy(self, config) -> str | None:
+        """HF's rule for the tokens the projector reads: 'default' drops CLS, 'full' keeps it."""
+        return config.vision_feature_select_strategy
+
+    def patch_tokens(self, config, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states of a vision layer that the projector reads."""
+        return hidden[:, 1:] if self.feature_select_strategy(config) == "default" else hidden
+
+    def self_attention_layers(self, config) -> list[int]:
+        """The decoder layers that attend to (and cache keys and values of) the tokens."""
+        return list(range(text_config(config).num_hidden_layers))
 
     # --- the exitable stack -------------------------------------------------------------------------------------
     def num_layers(self, config) -> int:
@@ -75,9 +129,7 @@ class Family:
 
     def _project(self, model, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Projected image features [n_image_tokens, d_text] of one layer's hidden states."""
-        if model.config.vision_feature_select_strategy == "default":
-            hidden = hidden[:, 1:]  # LLaVA drops CLS
-        return attr_path(model, self.projector)(hidden).flatten(0, 1)
+        return attr_path(model, self.projector)(self.patch_tokens(model.config, hidden)).flatten(0, 1)
 
     def features_per_layer(self, model, inputs: dict, layers: list[int]) -> dict[int, torch.Tensor]:
         """Projected image features of every layer in `layers` from ONE forward pass of the vision tower."""
@@ -87,7 +139,7 @@ class Family:
     def lm_inputs(self, model, inputs: dict, features: torch.Tensor) -> dict:
         """Keyword arguments for model(...) / model.generate(...) that feed `features` in place of the image."""
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        mask = (inputs["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        mask = (inputs["input_ids"] == self.image_token_id(model.config)).unsqueeze(-1).expand_as(embeds)
         if int(mask.sum()) != features.numel():
             raise ValueError(f"{int(mask[..., 0].sum())} image tokens in the prompt, {features.shape[0]} features")
         embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
@@ -99,10 +151,41 @@ class Family:
         # generate() returns only new tokens when fed inputs_embeds, prompt + new tokens when fed input_ids
         return generated[:, lm_inputs["input_ids"].shape[1] :] if "input_ids" in lm_inputs else generated
 
+    # --- ONNX export ---------------------------------------------------------------------------------------------
+    def vision_graph(self, model) -> nn.Module:
+        """The tower as cut (its last block is the exit) + projector, taking `onnx_vision_axes`' inputs in order."""
+        return _ProjectedPatches(model, self)
+
+    def onnx_sections(self, model) -> dict[str, Any]:
+        """The family's own sections of the ONNX description (none for LLaVA-1.5)."""
+        return {}
+
+
+class _ProjectedPatches(nn.Module):
+    """LLaVA's vision graph: tower -> patch tokens -> projector, for LLaVA-1.5 images and LLaVA-NeXT tiles alike."""
+
+    def __init__(self, model, family: Family):
+        super().__init__()
+        self.tower = attr_path(model, family.tower)
+        self.projector = attr_path(model, family.projector)
+        self.family, self.config = family, model.config
+
+    def forward(self, pixel_values):
+        # The tower holds exactly k blocks, so its last hidden state is block k's output = hidden_states[k].
+        hidden = self.tower(pixel_values).last_hidden_state
+        return self.projector(self.family.patch_tokens(self.config, hidden))
+
 
 @dataclass(frozen=True)
 class LlavaNextFamily(Family):
     """Anyres: the tower sees the base image plus tiles; features are unpadded and packed with newline tokens."""
+
+    anyres = True
+    preprocessing_keys = ("image_grid_pinpoints",)
+
+    def image_newline(self, model) -> torch.Tensor:
+        """The learned embedding closing every row of a packed tile grid."""
+        return model.model.image_newline
 
     def _tower_hidden_states(self, model, inputs: dict) -> tuple[torch.Tensor, ...]:
         pixel_values = inputs["pixel_values"]
@@ -113,14 +196,12 @@ class LlavaNextFamily(Family):
         return tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
 
     def _project(self, model, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy == "default":
-            hidden = hidden[:, 1:]
-        per_image = torch.split(attr_path(model, self.projector)(hidden), self._tiles_per_image(model, inputs))
+        projected = attr_path(model, self.projector)(self.patch_tokens(model.config, hidden))
+        per_image = torch.split(projected, self._tiles_per_image(model, inputs))
+        strategy, newline = self.feature_select_strategy(model.config), self.image_newline(model)
         packed, _ = model.model.pack_image_features(
-            per_image, inputs["image_sizes"], vision_feature_select_strategy=strategy,
-            image_newline=model.model.image_newline,
-        )  # fmt: skip
+            per_image, inputs["image_sizes"], vision_feature_select_strategy=strategy, image_newline=newline
+        )
         return torch.cat(packed)
 
     @staticmethod
@@ -131,6 +212,12 @@ class LlavaNextFamily(Family):
             image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
             for size in inputs["image_sizes"]
         ]
+
+    def onnx_sections(self, model) -> dict[str, Any]:
+        config = model.config
+        tile = config.vision_config.image_size
+        side = tile // config.vision_config.patch_size
+        return {"anyres": {"grid_pinpoints": config.image_grid_pinpoints, "tile_size": tile, "tokens_per_side": side}}
 
 
 class _ReplayLocalStack(nn.Module):
@@ -145,9 +232,39 @@ class _ReplayLocalStack(nn.Module):
         return BaseModelOutput(last_hidden_state=self.hidden_states[self.k - 1], hidden_states=self.hidden_states)
 
 
+class _CrossAttentionStates(nn.Module):
+    """Mllama's tower (local stack cut at k, global stack kept) -> projector: the cross-attention states
+    [images*tiles, patches, d_text]. Both the feature path and the ONNX vision graph run it."""
+
+    def __init__(self, model, family: Family):
+        super().__init__()
+        self.tower = attr_path(model, family.tower)
+        self.projector = attr_path(model, family.projector)
+
+    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        vision = self.tower(
+            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+        ).last_hidden_state
+        projected = self.projector(vision)
+        return projected.reshape(-1, vision.shape[-2], projected.shape[-1])
+
+
 @dataclass(frozen=True)
 class MllamaFamily(Family):
     """Llama 3.2 Vision: exit k cuts the local stack; the global stack and the taps are kept (see module doc)."""
+
+    cross_attention = True
+    preprocessing_keys = ("max_image_tiles",)
+    onnx_vision_axes = {name: {0: "batch_size", 1: "num_images"}
+                        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}  # fmt: skip
+    onnx_features_axes = {0: "num_images_x_tiles"}
+
+    def feature_select_strategy(self, config) -> str | None:
+        return None  # the projector reads the tower's whole output
+
+    def self_attention_layers(self, config) -> list[int]:
+        cross = set(text_config(config).cross_attention_layers)
+        return [i for i in super().self_attention_layers(config) if i not in cross]
 
     def default_exit(self, config) -> int:
         return self.num_layers(config)
@@ -183,19 +300,12 @@ class MllamaFamily(Family):
         return out
 
     def _vision_forward(self, model, inputs: dict) -> torch.Tensor:
-        tower = attr_path(model, self.tower)
-        vision = tower(
-            pixel_values=inputs["pixel_values"].to(tower.dtype), aspect_ratio_ids=inputs["aspect_ratio_ids"],
-            aspect_ratio_mask=inputs["aspect_ratio_mask"],
-        ).last_hidden_state  # fmt: skip
-        projected = attr_path(model, self.projector)(vision)
-        return projected.reshape(-1, vision.shape[-2], projected.shape[-1])
+        pixel_values = inputs["pixel_values"].to(attr_path(model, self.tower).dtype)
+        return self.vision_graph(model)(pixel_values, inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
 
     def lm_inputs(self, model, inputs: dict, features: torch.Tensor) -> dict:
-        return {
-            "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-            "cross_attention_mask": inputs["cross_attention_mask"], "cross_attention_states": features,
-        }  # fmt: skip
+        text = {name: inputs[name] for name in ("input_ids", "attention_mask", "cross_attention_mask")}
+        return text | {"cross_attention_states": features}
 
     def generate(self, model, lm_inputs: dict, **kwargs) -> torch.Tensor:
         # The cross-attention layers cache K/V of the image at prefill and would append a second copy if given the
@@ -214,24 +324,42 @@ class MllamaFamily(Family):
         finally:
             del model.prepare_inputs_for_generation  # back to the class method
 
+    # --- ONNX export: the decoder has no cross-attention cache; it recomputes K/V from the states every step ------
+    def vision_graph(self, model) -> nn.Module:
+        return _CrossAttentionStates(model, self)
+
+    def max_tiles(self, config) -> int:
+        return config.vision_config.max_num_tiles
+
+    def vision_tokens_per_tile(self, model) -> int:
+        return attr_path(model, self.tower).num_patches
+
+    def cross_attention_lm_inputs(self, states, mask, tokens_per_tile: int, dtype) -> dict[str, torch.Tensor]:
+        """The language model's cross-attention arguments from the states and the processor's mask rows."""
+        from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+        prepared, full = _prepare_cross_attention_mask(mask, tokens_per_tile, dtype)
+        return dict(cross_attention_states=states, cross_attention_mask=prepared, full_text_row_masked_out_mask=full)
+
+    def onnx_sections(self, model) -> dict[str, Any]:
+        return {"cross_attention": {
+            "cross_attention_layers": list(text_config(model.config).cross_attention_layers),
+            "max_num_tiles": self.max_tiles(model.config),
+            "num_vision_tokens_per_tile": self.vision_tokens_per_tile(model),
+            "cross_attention_mask": "processor output [batch, seq, num_images, max_num_tiles] (int64), rows for the "
+            "tokens being processed",
+        }}  # fmt: skip
+
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="LLaVA-1.5", model_types=("llava",), model_class="LlavaForConditionalGeneration",
-        tower="model.vision_tower", blocks="encoder", projector="model.multi_modal_projector",
-        gguf_projector="mlp", onnx_image_inputs=("pixel_values",),
-    ),
-    LlavaNextFamily(
-        name="LLaVA-NeXT", model_types=("llava_next",), model_class="LlavaNextForConditionalGeneration",
-        tower="model.vision_tower", blocks="encoder", projector="model.multi_modal_projector",
-        gguf_projector="mlp", onnx_image_inputs=("pixel_values", "image_sizes"),
-    ),
+    Family(name="LLaVA-1.5", model_types=("llava",), gguf_projector="mlp"),
+    # No mmproj: edgekit's mmproj writer has no anyres and would see the base tile only (the hybrid runtime runs it).
+    LlavaNextFamily(name="LLaVA-NeXT", model_types=("llava_next",), image_inputs=("pixel_values", "image_sizes")),
     MllamaFamily(
-        name="Llama 3.2 Vision", model_types=("mllama",), model_class="MllamaForConditionalGeneration",
-        tower="model.vision_model", blocks="transformer", projector="model.multi_modal_projector",
-        gguf_projector=None, onnx_image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
+        name="Llama 3.2 Vision", model_types=("mllama",), tower="model.vision_model", blocks="transformer",
+        image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"), gguf_language_model=False,
     ),
-)  # fmt: skip
+)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
@@ -241,7 +369,15 @@ def supported() -> str:
 
 def family_for(config) -> Family:
     """The family of a transformers config, or a UserError listing the supported ones."""
-    model_type = getattr(config, "model_type", None)
+    return _family_of(getattr(config, "model_type", None))
+
+
+def family_for_config_json(config: dict) -> Family:
+    """The family a config.json's contents name, read before AutoConfig (which rejects model types it does not know)."""
+    return _family_of(config.get("model_type"))
+
+
+def _family_of(model_type: str | None) -> Family:
     if model_type not in _BY_MODEL_TYPE:
         raise UserError(f"unsupported model_type {model_type!r}; supported families: {supported()}")
     return _BY_MODEL_TYPE[model_type]

@@ -6,12 +6,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from edgekit.errors import UserError
-from edgekit.model.families import Family, family_for
+from edgekit.errors import UserError, first_line
+from edgekit.model.families import Family, family_for, family_for_config_json
 
 # "auto" keeps the checkpoint's own dtype (a 7B fp16 model stays 14 GB, not 28).
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,14 +48,13 @@ def load_config(source: str | Path, *, trust_remote_code: bool = False, revision
     local_config = Path(resolved) / "config.json"
     if local_config.is_file():  # check the family first: AutoConfig rejects model types it does not know
         try:
-            model_type = json.loads(local_config.read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise UserError(f"{local_config}: not a valid config.json ({_first_line(err)})") from None
-        family_for(SimpleNamespace(model_type=model_type))
+            family_for_config_json(json.loads(local_config.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:  # AttributeError: not a JSON object
+            raise UserError(f"{local_config}: not a valid config.json ({first_line(err)})") from None
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise UserError(f"{source}: cannot read the model config ({_first_line(err)})") from None
+        raise UserError(f"{source}: cannot read the model config ({first_line(err)})") from None
     family_for(config)
     return config
 
@@ -83,13 +81,9 @@ def load(
         )  # fmt: skip
         processor = AutoProcessor.from_pretrained(resolved, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise UserError(f"{source}: cannot load the model ({_first_line(err)})") from None
+        raise UserError(f"{source}: cannot load the model ({first_line(err)})") from None
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise UserError(f"device {device!r} is not usable here ({_first_line(err)})") from None
+        raise UserError(f"device {device!r} is not usable here ({first_line(err)})") from None
     return LoadedModel(model.eval(), processor, family_for(config), str(source), getattr(config, "_commit_hash", None))
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
