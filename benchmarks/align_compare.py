@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from edgekit.align.lppo import LPPOConfig, align
+from edgekit.align.config import LPPOConfig
 from edgekit.align.rewards import JudgeReward
+from edgekit.align.trainer import align
 from edgekit.model.loading import load
-from edgekit.safety.report import LABELS, scan_rows
+from edgekit.model.surgery import num_exit_layers
 from edgekit.safety.judges import RefusalJudge
+from edgekit.safety.report import LABELS, scan_rows
 from edgekit.safety.scan import METRICS, parse_layers, scan
 from edgekit.safety.suite import builtin_suite
-from edgekit.model.surgery import num_exit_layers
 
 
 def scan_model(loaded, layers: list[int], limit: int | None, split: str = "eval") -> list[dict]:

@@ -42,8 +42,9 @@ if mode == "inference":
             loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=loaded.processor.tokenizer.pad_token_id)
 else:
-    from edgekit.align.lppo import LPPOConfig, align
+    from edgekit.align.config import LPPOConfig
     from edgekit.align.rewards import make_reward
+    from edgekit.align.trainer import align
     config = LPPOConfig(exit_layer=k, steps=steps, batch=batch, minibatch=batch // 2, max_new_tokens=new_tokens,
                         checkpoint_every=0, recompute_activations=recompute == "1")
     align(loaded, tempfile.mkdtemp() + "/out", config, make_reward("judge"), progress=False)

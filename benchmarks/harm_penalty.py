@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from align_compare import markdown, scan_model  # this folder is on sys.path when a script in it runs
 
-from edgekit.align.lppo import LPPOConfig, align
+from edgekit.align.config import LPPOConfig
 from edgekit.align.rewards import JudgeReward
+from edgekit.align.trainer import align
 from edgekit.model.loading import load
 from edgekit.safety.scan import METRICS
 

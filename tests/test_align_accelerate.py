@@ -18,7 +18,8 @@ import torch
 from conftest import processor_inputs
 from safetensors.torch import load_file
 
-from edgekit.align.lppo import LPPOConfig, check_processes, work_dir
+from edgekit.align.checkpoint import work_dir
+from edgekit.align.config import LPPOConfig, check_processes
 from edgekit.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"

@@ -18,21 +18,13 @@ from accelerate import Accelerator
 from conftest import processor_inputs
 from safetensors.torch import load_file
 
-from edgekit.align.lppo import (
-    LPPOConfig,
-    PolicyValue,
-    align,
-    choose_exit_layer,
-    make_learner,
-    make_policy,
-    ppo_step,
-    sample_items,
-    training_items,
-    work_dir,
-)
+from edgekit.align.checkpoint import work_dir
+from edgekit.align.config import LPPOConfig
+from edgekit.align.policy import PolicyValue, make_learner, make_policy
 from edgekit.align.ppo_math import KLControllerState, clipped_policy_loss
 from edgekit.align.rewards import HFRewardModel, JudgeReward, make_reward
 from edgekit.align.rollout import ValueHead, collect, prepare_batch, sequence_forward, special_ids_to_suppress
+from edgekit.align.trainer import align, choose_exit_layer, ppo_step, sample_items, training_items
 from edgekit.cli import main
 from edgekit.errors import UserError
 from edgekit.model.loading import load

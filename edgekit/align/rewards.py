@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from edgekit.errors import UserError
+from edgekit.errors import UserError, first_line
 from edgekit.safety.judges import REFUSAL, Judge, RefusalJudge
 from edgekit.safety.suite import Item, utility_correct
 
@@ -89,8 +89,7 @@ class HFRewardModel:
             )
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"reward model {model_id_or_path}: cannot load it ({first})") from None
+            raise UserError(f"reward model {model_id_or_path}: cannot load it ({first_line(err)})") from None
         if model.config.num_labels != 1:
             raise UserError(f"reward model {model_id_or_path} has {model.config.num_labels} outputs; a reward model "
                             "needs one scalar head (num_labels=1)")  # fmt: skip

@@ -50,14 +50,14 @@ def shard(model: nn.Module, value_head: nn.Module | None, device: torch.device) 
         fully_shard(value_head, mesh=mesh)
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
+def gather_to_cpu(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on the CPU: gathered from every process if sharded (then every process must call this)."""
     from torch.distributed.tensor import DTensor
 
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
 
 
-def load_full(param: torch.Tensor, whole: torch.Tensor) -> None:
+def copy_into_shard(param: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy a whole tensor into `param`, this process's shard of it if sharded."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
