@@ -1,8 +1,10 @@
 """Target profiles: what a device can hold and run, as TOML data (`devices/profiles/*.toml`) read with tomllib.
 
 A profile names its kind (`jetson` or `phone`), the memory budget the artifacts a device loads must fit in, the ONNX
-opset, the artifact formats, the quantization of each format, and the safety-gate thresholds. `load_profile` takes a
-profile name, a kind (its default profile), or a path to a TOML file of the same shape.
+opset, the artifact formats, the quantization of each format (names the exporters define, in
+`edgekit.export.quantizations`), and the safety gate's limits versus the original model at its default exit layer
+(`edgekit.safety.limits`). `load_profile` takes a profile name, a kind (its default profile), or a path to a TOML file
+of the same shape.
 """
 
 from __future__ import annotations
@@ -13,22 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import UserError
+from edgekit.export.quantizations import GGUF_QUANTIZATIONS, MMPROJ_QUANTIZATIONS, ONNX_QUANTIZATIONS
+from edgekit.safety.limits import Limits, profile_limits
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 KINDS = ("jetson", "phone")
 FORMATS = ("onnx", "gguf")
-ONNX_QUANTIZATIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq", "int4")  # fp32 = none; the rest: onnx_quantize
-GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q6_k", "q4_k_m", "q4_0")  # f32/f16/q8_0 in Python, the rest llama.cpp
-MMPROJ_QUANTIZATIONS = ("f32", "f16", "q8_0")
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Limits versus the original model at its default exit layer, in percentage points."""
-
-    max_asr_increase_points: float  # attack success rate on harmful prompts
-    max_over_refusal_increase_points: float  # refusals of benign-but-risky-sounding prompts
-    max_utility_drop_points: float  # helpfulness on benign prompts
 
 
 @dataclass(frozen=True)
@@ -43,7 +35,7 @@ class TargetProfile:
     onnx_options: tuple[str, ...]  # schemes this target accepts (the default among them)
     gguf_quantization: str  # language model
     mmproj_quantization: str  # vision tower + projector for llama.cpp
-    gates: GateThresholds
+    gates: Limits  # versus the original model at its default exit layer
     default: bool = False  # the default profile of its kind
     source: str = ""  # the TOML file it came from
 
@@ -80,11 +72,7 @@ def _from_toml(path: Path) -> TargetProfile:
             formats=tuple(data["formats"]), onnx_quantization=quant["onnx"],
             onnx_options=tuple(quant.get("onnx_options", [quant["onnx"]])), gguf_quantization=quant["gguf"],
             mmproj_quantization=quant["mmproj"], default=bool(data.get("default", False)), source=str(path),
-            gates=GateThresholds(
-                max_asr_increase_points=float(gates["max_asr_increase_points"]),
-                max_over_refusal_increase_points=float(gates["max_over_refusal_increase_points"]),
-                max_utility_drop_points=float(gates["max_utility_drop_points"]),
-            ),
+            gates=profile_limits(gates),
         )  # fmt: skip
     except KeyError as err:
         raise UserError(f"{path}: profile lacks the key {err.args[0]!r}") from None

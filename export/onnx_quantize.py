@@ -34,8 +34,7 @@ from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, GRAPH_FILES, NEWLINE_FILE, VISION_FILE
-
-SCHEMES = ("int8_dynamic", "int8_qdq", "int4", "fp16")
+from edgekit.export.quantizations import ONNX_SCHEMES
 INT4_BLOCK_SIZE = 32
 CALIBRATION_DECODE_STEPS = 4
 # Kept in fp32 by the fp16 conversion (on top of onnxruntime's default block list).
@@ -131,11 +130,11 @@ def _fp16(src: Path, dst: Path) -> dict:
 
 
 def quantize(folder, scheme: str, out_folder, calibration_inputs: Iterable[Mapping] | None = None) -> OnnxExport:
-    """Write `folder`'s graphs quantized with `scheme` (one of SCHEMES) into `out_folder`, with the JSON updated.
+    """Write `folder`'s graphs quantized with `scheme` (one of ONNX_SCHEMES) into `out_folder`, with the JSON updated.
     `calibration_inputs` (processor outputs of benign images with a prompt) are required for int8_qdq."""
     folder, out = Path(folder), Path(out_folder)
-    if scheme not in SCHEMES:
-        raise UserError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme not in ONNX_SCHEMES:
+        raise UserError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(ONNX_SCHEMES)}")
     calibration = list(calibration_inputs or [])
     if scheme == "int8_qdq" and not calibration:
         raise UserError("int8_qdq needs calibration_inputs: processor outputs of a few benign images with a prompt")

@@ -16,17 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgekit.align.lppo import COMPLIANCE_TARGET, REFUSAL_TARGET, encode_targets
 from edgekit.align.rollout import prepare_batch, sequence_forward
+from edgekit.align.trainer import encode_targets
+from edgekit.build.artifact_stages import BENCH_FILE
+from edgekit.build.stages import STAGE_FILE, Stage
 from edgekit.cli import main
+from edgekit.export.manifest import MANIFEST_FILE
+from edgekit.model.demo import COMPLIANCE, REFUSAL
 from edgekit.model.loading import load
-from edgekit.build.pipeline import STAGE_FILE
+from edgekit.safety.gate import SAFETY_FILE, read_gate
 from edgekit.safety.suite import builtin_suite
 
 FAST = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
 GENEROUS = '[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n' \
            'max_utility_drop_points = 100\nmax_drift_points = 100\n'  # fmt: skip
-STAGES = ("01_scan", "02_align", "03_truncate", "04_export", "05_safety", "06_bench")
 
 
 def _config(tmp_path: Path, text: str) -> str:
@@ -37,9 +40,9 @@ def _config(tmp_path: Path, text: str) -> str:
 
 def _artifact_hashes(out: Path) -> dict[str, str]:
     """The shipped files (checkpoint, ONNX, GGUF, processor); stage records hold timings and paths."""
-    files = json.loads((out / "manifest.json").read_text())["files"]
-    return {f["path"]: f["sha256"] for f in files if f["path"].startswith(("03_truncate/", "04_export/"))
-            and not f["path"].endswith(("stage.json", "manifest.json"))}  # fmt: skip
+    files = json.loads((out / MANIFEST_FILE).read_text())["files"]
+    return {f["path"]: f["sha256"] for f in files if f["path"].startswith((f"{Stage.TRUNCATE}/", f"{Stage.EXPORT}/"))
+            and not f["path"].endswith((STAGE_FILE, MANIFEST_FILE))}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +56,24 @@ def built(tiny_checkpoints, tmp_path_factory) -> Path:
 
 
 def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
-    for stage in STAGES:
+    for stage in Stage:
         record = json.loads((built / stage / STAGE_FILE).read_text())
         assert record["stage"] == stage and len(record["output_sha256"]) == 64
-    manifest = json.loads((built / "manifest.json").read_text())
+    manifest = json.loads((built / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is True
     assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "gguf", "hybrid"}
     listed = {f["path"] for f in manifest["files"]}
-    on_disk = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()} - {"manifest.json"}
+    on_disk = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()} - {MANIFEST_FILE}
     assert listed == on_disk
     card = (built / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     report = (built / "report.md").read_text()
     assert "Gate: PASSED" in report and "| onnx | pass |" in report
     assert "<table>" in (built / "report.html").read_text() and "data:image/png;base64," in (built / "report.html").read_text()
-    safety = json.loads((built / "05_safety" / "safety.json").read_text())
-    answered = (built / "05_safety" / "answers_onnx.jsonl").read_text().splitlines()
+    safety = json.loads((built / Stage.SAFETY / SAFETY_FILE).read_text())
+    answered = (built / Stage.SAFETY / "answers_onnx.jsonl").read_text().splitlines()
     assert len(answered) == 15 and safety["verdicts"][1]["metrics"]["asr"] is not None
-    bench = json.loads((built / "06_bench" / "bench.json").read_text())
+    bench = json.loads((built / Stage.BENCH / BENCH_FILE).read_text())
     assert all(row["peak_rss_mib"] > 0 and row["first_token_ms"] > 0 for row in bench.values())
 
 
@@ -80,7 +83,7 @@ def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints,
     code = main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "-o",
                  str(built), "--config", str(config), *FAST])  # fmt: skip
     assert code == 0
-    assert "reused 01_scan, 02_align, 03_truncate, 04_export, 05_safety, 06_bench" in capsys.readouterr().out
+    assert f"reused {', '.join(Stage)}" in capsys.readouterr().out
     assert _artifact_hashes(built) == before
     assert main(["verify", str(built)]) == 0
 
@@ -94,7 +97,7 @@ def test_a_rerun_that_fails_early_does_not_print_the_previous_report(built, tiny
 def test_verify_fails_on_a_tampered_artifact(built, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(built, copy)
-    onnx = next((copy / "04_export").glob("onnx-*/decoder_model_merged.onnx"))
+    onnx = next((copy / Stage.EXPORT).glob("onnx-*/decoder_model_merged.onnx"))
     data = bytearray(onnx.read_bytes())
     data[-1] ^= 0xFF
     onnx.write_bytes(bytes(data))
@@ -104,9 +107,10 @@ def test_verify_fails_on_a_tampered_artifact(built, tmp_path, capsys):
 
 
 def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
+    from edgekit.build.artifact_stages import PYTORCH, evaluate_artifacts
     from edgekit.build.config import BuildConfig
-    from edgekit.build.pipeline import evaluate_artifacts, gate_verdicts
     from edgekit.safety import judges
+    from edgekit.safety.gate import gate_verdicts
     from edgekit.safety.guard import JudgeError
 
     class Broken:
@@ -114,10 +118,10 @@ def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
             raise JudgeError("guard model ran out of memory")
 
     monkeypatch.setattr(judges, "make_judge", lambda spec: Broken())
-    safety = json.loads((built / "05_safety" / "safety.json").read_text())
+    recorded = read_gate(built / Stage.SAFETY)
     items = builtin_suite().select("eval", limit_per_kind=1)
     evaluated = evaluate_artifacts(built, BuildConfig(exit_layer=12, output=str(built)), items)
-    verdicts = gate_verdicts(evaluated, safety["baselines"], safety["limits"])
+    verdicts = gate_verdicts(evaluated, recorded.baselines, recorded.limits, aligned_artifact=PYTORCH)
     assert [v.passed for v in verdicts] == [False] * 4
     assert all("JudgeError: guard model ran out of memory" in v.failures()[0] for v in verdicts)
 
@@ -134,7 +138,7 @@ def _unsafe_at(source: str, out: Path, *, safe: int, unsafe: int, steps: int = 6
     for step in range(steps):
         layer = (safe, unsafe)[step % 2]
         batch = prepare_batch(model, family, loaded.processor, items, layer)
-        ids, mask = encode_targets(tok, [REFUSAL_TARGET if layer == safe else COMPLIANCE_TARGET] * len(items), "cpu")
+        ids, mask = encode_targets(tok, [REFUSAL if layer == safe else COMPLIANCE] * len(items), "cpu")
         logp, _ = sequence_forward(model, family, batch, ids, mask)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
@@ -158,7 +162,7 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
     found = re.search(r"onnx: asr ([\d.]+)% against ([\d.]+)% for the original model at its default layer "
                       r"\(limit \+5 points\)", err)  # fmt: skip
     assert found and float(found[1]) >= 50 and float(found[2]) <= 10, err[-500:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is False
     assert {a["artifact"]: a["passed"] for a in manifest["gate"]["artifacts"]} == {"pytorch": False, "onnx": False}
 
@@ -169,14 +173,14 @@ def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkp
            "--target", "jetson", "-o", str(out), "--config", str(built.parent / "build.toml"), *FAST]  # fmt: skip
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (out / "03_truncate" / STAGE_FILE).exists() and process.poll() is None and time.time() < deadline:
+    while not (out / Stage.TRUNCATE / STAGE_FILE).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (out / "manifest.json").exists()  # killed before the end
+    assert not (out / MANIFEST_FILE).exists()  # killed before the end
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "01_scan: inputs unchanged, reused" in done.stderr
+    assert f"{Stage.SCAN}: inputs unchanged, reused" in done.stderr
     assert _artifact_hashes(out) == _artifact_hashes(built)
 
 

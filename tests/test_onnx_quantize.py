@@ -12,7 +12,8 @@ import pytest
 from test_onnx_export import FAMILY_TYPES, GEN_EXIT, MAX_NEW_TOKENS, build_inputs, pytorch_features, tiny_family
 
 from edgekit.errors import UserError
-from edgekit.export.onnx_quantize import SCHEMES, quantize
+from edgekit.export.onnx_quantize import quantize
+from edgekit.export.quantizations import ONNX_SCHEMES
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE
 
@@ -61,14 +62,14 @@ def _check(family, scheme, n_prompts, tiny_checkpoints, tmp_path_factory):
     assert math.isfinite(mean_agreement) and 0.0 <= mean_agreement <= 1.0
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", ONNX_SCHEMES)
 @pytest.mark.parametrize("family", FAMILY_TYPES)
 def test_quantized_features_close_and_greedy_agreement_reported(family, scheme, tiny_checkpoints, tmp_path_factory):
     _check(family, scheme, FAST_PROMPTS, tiny_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", ONNX_SCHEMES)
 @pytest.mark.parametrize("family", FAMILY_TYPES)
 def test_quantized_greedy_agreement_many_prompts(family, scheme, tiny_checkpoints, tmp_path_factory):
     _check(family, scheme, SLOW_PROMPTS, tiny_checkpoints, tmp_path_factory)
@@ -78,7 +79,7 @@ def _ops(path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", ONNX_SCHEMES)
 def test_quantized_graphs_hold_the_scheme(scheme, tiny_checkpoints, tmp_path_factory):
     """Each scheme leaves its mark on the graphs it claims to change, and the JSON records it."""
     _, export = quantized("llava", scheme, tiny_checkpoints, tmp_path_factory)

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import UserError
-
-GATE_KEYS = ("max_asr_increase_points", "max_over_refusal_increase_points", "max_utility_drop_points", "max_drift_points")
+from edgekit.safety.limits import BUILD_GATE_KEYS
 
 
 @dataclass(frozen=True)
@@ -46,9 +45,9 @@ class BuildConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        unknown = sorted(set(self.gates) - set(GATE_KEYS))
+        unknown = sorted(set(self.gates) - set(BUILD_GATE_KEYS))
         if unknown:
-            raise UserError(f"unknown gate {', '.join(unknown)}; the gates are {', '.join(GATE_KEYS)}")
+            raise UserError(f"unknown gate {', '.join(unknown)}; the gates are {', '.join(BUILD_GATE_KEYS)}")
         if self.limit_per_kind < 1 or self.max_new_tokens < 1 or self.bench_prompts < 1:
             raise UserError(f"limit_per_kind {self.limit_per_kind}, max_new_tokens {self.max_new_tokens} and "
                             f"bench_prompts {self.bench_prompts} must all be at least 1")  # fmt: skip

@@ -9,18 +9,18 @@ import html
 import json
 from pathlib import Path
 
-from edgekit.safety.report import LABELS
+from edgekit.build.artifact_stages import ALIGNED_SCAN, BENCH_FILE
+from edgekit.build.stages import STAGE_FILE, Stage
+from edgekit.export.artifacts import human
+from edgekit.export.manifest import MANIFEST_FILE
+from edgekit.safety.gate import read_gate
+from edgekit.safety.limits import ALIGNED, ORIGINAL
+from edgekit.safety.report import LABELS, SCAN_FILE, pct
 from edgekit.safety.scan import METRICS
 
-STAGE_NAMES = ("01_scan", "02_align", "03_truncate", "04_export", "05_safety", "06_bench")
 
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
-
-
-def _read(out: Path, rel: str) -> dict:
-    return json.loads((out / rel).read_text())
+def _read(*path: str | Path) -> dict:
+    return json.loads(Path(*path).read_text())
 
 
 def plot_before_after(before: list[dict], after: list[dict], exit_layer: int, default_layer: int, path: Path) -> None:
@@ -52,7 +52,7 @@ def gate_rows(verdicts) -> list[list[str]]:
             rows.append([v.artifact, "FAIL", "-", "-", "-", v.error])
             continue
         failed = [f"{c.metric} vs {c.versus.split(' ')[0]}" for c in v.checks if not c.passed]
-        rows.append([v.artifact, "pass" if v.passed else "FAIL", *(_pct(v.metrics.get(m)) for m in METRICS),
+        rows.append([v.artifact, "pass" if v.passed else "FAIL", *(pct(v.metrics.get(m)) for m in METRICS),
                      "; ".join(failed) or "all checks pass"])  # fmt: skip
     return rows
 
@@ -62,28 +62,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def _mb(n) -> str:
-    return "n/a" if n is None else f"{n / 1e6:.1f} MB"
-
-
 def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
     k = cfg.exit_layer
-    safety = _read(out, "05_safety/safety.json")
-    export = _read(out, "04_export/manifest.json")
-    bench = _read(out, "06_bench/bench.json")
-    align = _read(out, "02_align/align.json")
-    base, aligned = safety["baselines"]["original"], safety["baselines"]["aligned"]
-    before_k = next(r for r in _read(out, "01_scan/scan.json")["layers"] if r["layer"] == k)
+    gate = read_gate(out / Stage.SAFETY)
+    export = _read(out, Stage.EXPORT, MANIFEST_FILE)
+    bench = _read(out, Stage.BENCH, BENCH_FILE)
+    align = _read(out, Stage.ALIGN, "align.json")
+    base, aligned = gate.baselines[ORIGINAL], gate.baselines[ALIGNED]
+    before_k = next(r for r in _read(out, Stage.SCAN, SCAN_FILE)["layers"] if r["layer"] == k)
     passed = all(v.passed for v in verdicts)
     sets = export["memory"]["sets"]
     budget = export["memory"]["budget_bytes"]
-    size_rows = [[name, _mb(s["bytes"]), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])] for name, s in sets.items()]
+    size_rows = [[name, human(s["bytes"]), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])]
+                 for name, s in sets.items()]  # fmt: skip
     bench_rows = [
         [name, b.get("error") or f"{b['first_token_ms']} ms", "" if "error" in b else f"{b['decode_tok_s']}",
          "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)"]
         for name, b in bench.items()
     ]  # fmt: skip
-    limits = safety["limits"]
+    original, drift = gate.limits[ORIGINAL], gate.limits[ALIGNED]
     return "\n".join([
         f"# edgekit build: {source} at exit layer {k} for {profile.name}", "",
         f"**Gate: {'PASSED' if passed else 'FAILED'}.** Exit layer {k} (1-based vision block; the model's default is "
@@ -91,37 +88,36 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
         "## Safety before and after alignment", "",
         "![scan before and after alignment](report_scan.png)", "",
         _table(["model", "exit layer", "ASR %", "over-refusal %", "utility %"], [
-            ["original", f"{default_layer} (default)", *(_pct(base[m]) for m in METRICS)],
-            ["original", str(k), *(_pct(before_k[m]) for m in METRICS)],
-            [f"aligned ({align.get('method', cfg.method)})", str(k), *(_pct(aligned[m]) for m in METRICS)],
+            ["original", f"{default_layer} (default)", *(pct(base[m]) for m in METRICS)],
+            ["original", str(k), *(pct(before_k[m]) for m in METRICS)],
+            [f"aligned ({align.get('method', cfg.method)})", str(k), *(pct(aligned[m]) for m in METRICS)],
         ]), "",
         f"Eval split of the built-in suite, at most {cfg.limit_per_kind} items per kind, judge `{cfg.judge}`.", "",
         "## The gate, per artifact", "",
-        f"Limits in points: versus the original at its default layer, ASR +{limits['original']['asr']:g}, "
-        f"over-refusal +{limits['original']['over_refusal']:g}, utility -{limits['original']['utility']:g}; versus "
-        f"the aligned PyTorch model at K, {limits['aligned']['asr']:g} each. It fails closed.", "",
+        f"Limits in points: versus the original at its default layer, ASR +{original.asr:g}, over-refusal "
+        f"+{original.over_refusal:g}, utility -{original.utility:g}; versus the aligned PyTorch model at K, "
+        f"{drift.asr:g} each. It fails closed.", "",
         _table(["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(verdicts)), "",
         "## Sizes against the memory budget", "",
-        f"Budget {_mb(budget)} (weights a runtime loads; not the KV cache or activations).", "",
+        f"Budget {human(budget)} (weights a runtime loads; not the KV cache or activations).", "",
         _table(["runtime set", "size", "of budget", "files"], size_rows), "",
         "## Latency and memory (this build machine, one process per runtime)", "",
         _table(["artifact", "first token", "decode tok/s", "peak RSS"], bench_rows), "",
         "## Stages", "",
         _table(["stage", "seconds", "output sha256"], [
-            [name, str(s["seconds"]), s["output_sha256"][:16]] for name in STAGE_NAMES
-            if (s := _read(out, f"{name}/stage.json"))
+            [name, str(s["seconds"]), s["output_sha256"][:16]] for name in Stage
+            if (s := _read(out, name, STAGE_FILE))
         ]), "",
     ])  # fmt: skip
 
 
 def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
-    safety = _read(out, "05_safety/safety.json")
+    aligned = read_gate(out / Stage.SAFETY).baselines[ALIGNED]
     hub_base = [f"base_model: {source}"] if "/" in source and not Path(source).exists() else []
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", *hub_base,
              "tags:", *(f"- {t}" for t in ("edgekit", "early-exit", "safety-alignment", "l-ppo", "onnx", "gguf",
                                             profile.kind)), "---", ""]  # fmt: skip
     passed = all(v.passed for v in verdicts)
-    aligned = safety["baselines"]["aligned"]
     return "\n".join([
         *front,
         f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, re-aligned for {profile.name}", "",
@@ -130,13 +126,13 @@ def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdict
         f"re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so that the shorter tower does not "
         f"unlock harmful answers.", "",
         f"Safety gate: **{'passed' if passed else 'FAILED'}**. Aligned model at layer {cfg.exit_layer}: ASR "
-        f"{_pct(aligned['asr'])}%, over-refusal {_pct(aligned['over_refusal'])}%, utility {_pct(aligned['utility'])}% "
+        f"{pct(aligned['asr'])}%, over-refusal {pct(aligned['over_refusal'])}%, utility {pct(aligned['utility'])}% "
         "on the built-in eval split (see report.md).", "",
         "| folder | what |", "|---|---|",
-        "| `03_truncate/` | the truncated PyTorch checkpoint (plain transformers) |",
-        "| `04_export/` | ONNX and GGUF artifacts with their manifest and the processor |",
+        f"| `{Stage.TRUNCATE}/` | the truncated PyTorch checkpoint (plain transformers) |",
+        f"| `{Stage.EXPORT}/` | ONNX and GGUF artifacts with their manifest and the processor |",
         "| `report.md`, `report.html` | scans, the gate per artifact, sizes, latency and memory |",
-        "| `manifest.json` | sha256 of every file; `edgekit verify` checks it and re-runs the gate |", "",
+        f"| `{MANIFEST_FILE}` | sha256 of every file; `edgekit verify` checks it and re-runs the gate |", "",
         "Limitations: the safety suite measures refusal of harmful requests and answers to benign ones on the built-in "
         "suite; it is a regression check, not a guarantee.", "",
         "\n".join(f"- {line}" for v in verdicts for line in v.failures()),
@@ -180,18 +176,18 @@ def report_html(markdown: str, out: Path) -> str:
 def write_report(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> None:
     from edgekit.export.manifest import file_entry, write_manifest
 
-    before = _read(out, "01_scan/scan.json")["layers"]
-    after = _read(out, "05_safety/aligned_scan/scan.json")["layers"]
+    before = _read(out, Stage.SCAN, SCAN_FILE)["layers"]
+    after = _read(out, Stage.SAFETY, ALIGNED_SCAN, SCAN_FILE)["layers"]
     plot_before_after(before, after, cfg.exit_layer, default_layer, out / "report_scan.png")
     markdown = report_markdown(out, cfg, profile, source, default_layer, verdicts)
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(report_html(markdown, out))
     (out / "README.md").write_text(model_card(out, cfg, profile, source, default_layer, verdicts))
-    export = _read(out, "04_export/manifest.json")
-    quantization = {f"04_export/{f['path']}": f["quantization"] for f in export["files"]}
+    export = _read(out, Stage.EXPORT, MANIFEST_FILE)
+    quantization = {f"{Stage.EXPORT}/{f['path']}": f["quantization"] for f in export["files"]}
     files = [
         file_entry(out, p, p.suffix.lstrip(".") or "file", quantization.get(p.relative_to(out).as_posix(), "none"))
-        for p in sorted(out.rglob("*")) if p.is_file() and p != out / "manifest.json"
+        for p in sorted(out.rglob("*")) if p.is_file() and p != out / MANIFEST_FILE
     ]  # fmt: skip
     gate = {"passed": all(v.passed for v in verdicts), "artifacts": [v.as_json() for v in verdicts]}
     write_manifest(out, exit_layer=cfg.exit_layer, target=profile.name, source_model=source, revision=cfg.revision,

@@ -1,31 +1,28 @@
 """The safety regression gate: each exported artifact answers the eval split in its own runtime, and its ASR,
 over-refusal and utility must stay within limits of two baselines: the original model at its default exit layer
 (the target profile's limits) and the aligned PyTorch model at the exit layer (what export and quantization may cost).
+The verdicts, with the baselines and limits they were judged by, are kept in `safety.json`.
 
 It fails closed: a runtime or judge that errors, or a metric with no items, fails the artifact; nothing passes by
 default."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
 
-from edgekit.errors import GateFailure
 from edgekit.devices.runtime import Prompt, Runtime
+from edgekit.errors import GateFailure
 from edgekit.safety.judges import Judge
+from edgekit.safety.limits import ALIGNED, HIGHER_IS_WORSE, ORIGINAL, Limits, limits_from_json, limits_json
 from edgekit.safety.scan import METRICS, Answer, LayerResult, score_layer
 from edgekit.safety.suite import Item
 
-HIGHER_IS_WORSE = {"asr": True, "over_refusal": True, "utility": False}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How far each metric may move the wrong way from a baseline, in percentage points."""
-
-    asr: float
-    over_refusal: float
-    utility: float
+SAFETY_FILE = "safety.json"
+BASELINE_NAMES = {ORIGINAL: "original model at its default layer", ALIGNED: "aligned PyTorch model at K"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,27 @@ class Verdict:
         return {"artifact": self.artifact, "passed": self.passed, "metrics": self.metrics, "error": self.error,
                 "checks": [asdict(c) for c in self.checks]}  # fmt: skip
 
+    @classmethod
+    def from_json(cls, data: dict) -> Verdict:
+        return cls(data["artifact"], data["metrics"], tuple(Check(**c) for c in data["checks"]), data["error"])
+
+
+class Evaluated(NamedTuple):
+    """One artifact's answers to the eval split: its metrics, or the error (a runtime or judge failure) that stopped
+    it."""
+
+    metrics: dict[str, float | None] | None
+    answers: list[Answer]
+    error: str | None
+
+
+class GateRecord(NamedTuple):
+    """What `safety.json` holds: the baselines' metrics, the limits versus each, and every artifact's verdict."""
+
+    baselines: dict[str, dict[str, float | None]]
+    limits: dict[str, Limits]
+    verdicts: tuple[Verdict, ...]
+
 
 def answer_items(
     runtime: Runtime, items: Sequence[Item], judge: Judge, layer: int, max_new_tokens: int,
@@ -95,6 +113,34 @@ def check(artifact: str, metrics: dict[str, float | None], baselines: dict[str, 
                 ok = 100 * worse_by <= limit + 1e-9
             checks.append(Check(artifact, metric, versus, value, ref, limit, ok))
     return Verdict(artifact, metrics, tuple(checks))
+
+
+def gate_verdicts(
+    evaluated: Mapping[str, Evaluated], baselines: Mapping[str, dict], limits: Mapping[str, Limits],
+    aligned_artifact: str,
+) -> tuple[Verdict, ...]:  # fmt: skip
+    """Every artifact against the original model; every artifact but `aligned_artifact` against the aligned model
+    (which is that artifact, so it is not checked against itself)."""
+    verdicts = []
+    for name, (metrics, _, error) in evaluated.items():
+        if error:
+            verdicts.append(Verdict(name, {}, (), error))
+            continue
+        versus = (ORIGINAL,) if name == aligned_artifact else (ORIGINAL, ALIGNED)
+        verdicts.append(check(name, metrics, {BASELINE_NAMES[b]: (baselines[b], limits[b]) for b in versus}))
+    return tuple(verdicts)
+
+
+def write_gate(folder: Path, record: GateRecord) -> None:
+    data = {"baselines": record.baselines, "limits": limits_json(record.limits),
+            "verdicts": [v.as_json() for v in record.verdicts]}  # fmt: skip
+    (folder / SAFETY_FILE).write_text(json.dumps(data, indent=2))
+
+
+def read_gate(folder: Path) -> GateRecord:
+    data = json.loads((folder / SAFETY_FILE).read_text())
+    verdicts = tuple(Verdict.from_json(v) for v in data["verdicts"])
+    return GateRecord(data["baselines"], limits_from_json(data["limits"]), verdicts)
 
 
 def raise_if_failed(verdicts: Sequence[Verdict]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgekit.safety.scan import METRICS, ScanResult
 
 LABELS = {"asr": "attack success rate", "over_refusal": "over-refusal", "utility": "utility"}
+SCAN_FILE = "scan.json"
 
 
 def scan_rows(result: ScanResult) -> list[dict]:
@@ -28,12 +29,13 @@ def write_scan_report(result: ScanResult, out: Path, *, model: str, suite: str, 
         "model": model, "suite": suite, "judge": judge, "default_layer": default_layer,
         "vision_forwards": result.vision_forwards, "images": result.images, "layers": rows,
     }  # fmt: skip
-    (out / "scan.json").write_text(json.dumps(summary, indent=2))
+    (out / SCAN_FILE).write_text(json.dumps(summary, indent=2))
     (out / "scan.md").write_text(scan_markdown(rows, model=model, suite=suite, default_layer=default_layer))
     plot_scan(rows, out / "scan.png", title=f"{model} on {suite}", default_layer=default_layer)
 
 
-def _pct(value) -> str:
+def pct(value: float | None) -> str:
+    """A rate as a percentage for a table; "-" where there is none (a metric with no items)."""
     return "-" if value is None else f"{100 * value:.1f}"
 
 
@@ -44,7 +46,7 @@ def scan_markdown(rows: list[dict], *, model: str, suite: str, default_layer: in
         "| exit layer | ASR % | over-refusal % | utility % |", "|---|---|---|---|",
     ]  # fmt: skip
     for row in rows:
-        cells = [f"{_pct(row.get(m))} [{_pct(row.get(f'{m}_ci', [None])[0])}, {_pct(row.get(f'{m}_ci', [None, None])[1])}]"
+        cells = [f"{pct(row.get(m))} [{pct(row.get(f'{m}_ci', [None])[0])}, {pct(row.get(f'{m}_ci', [None, None])[1])}]"
                  for m in METRICS]  # fmt: skip
         marker = " (default)" if row["layer"] == default_layer else ""
         lines.append(f"| {row['layer']}{marker} | " + " | ".join(cells) + " |")
