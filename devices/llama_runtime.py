@@ -123,6 +123,13 @@ class LlamaDecoder:
             pos += 1
         return out
 
+    def decode_steps(self, logits: np.ndarray, pos: int, steps: int) -> None:
+        """Decode `steps` greedy tokens after the one `logits` picks, end of generation ignored (a benchmark's
+        fixed amount of work)."""
+        for _ in range(steps):
+            logits = self.decode_tokens([int(np.argmax(logits))], pos)
+            pos += 1
+
     def close(self) -> None:
         self.llama.close()
 
@@ -130,10 +137,11 @@ class LlamaDecoder:
 class HybridVLM:
     """Vision graph in ONNX Runtime, language model in llama.cpp; `generate` takes processor-built inputs."""
 
-    def __init__(self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, **decoder_options):
+    def __init__(self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, session_options=None,
+                 **decoder_options):  # fmt: skip
         from edgekit.devices.onnx_runtime import OnnxVLM
 
-        self.vision = OnnxVLM(onnx_folder)
+        self.vision = OnnxVLM(onnx_folder, session_options=session_options)
         if self.vision.cross:
             raise ValueError("the hybrid runtime feeds image tokens; Llama 3.2 Vision's cross-attention has none")
         self.image_token_id = int(self.vision.config["image_token_id"])
@@ -250,8 +258,9 @@ class MtmdVLM:
             mtmd.mtmd_input_chunks_free(chunks)
         raise ValueError("no image chunk")
 
-    def generate(self, image, text: str, max_new_tokens: int = 32, eos_token_ids: Sequence[int] = ()) -> list[int]:
-        """Greedy tokens for a prompt `text` holding one `self.marker` where the image goes."""
+    def prefill(self, image, text: str) -> tuple[np.ndarray, int]:
+        """Decode a prompt `text` holding one `self.marker` where the image goes; the last logits and the next
+        position."""
         from llama_cpp import llama_pos
 
         mtmd = self._mtmd
@@ -266,7 +275,12 @@ class MtmdVLM:
                 raise RuntimeError(f"mtmd_helper_eval_chunks failed with code {rc}")
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-        return self.decoder.greedy(self.decoder.last_logits(), new_pos.value, max_new_tokens, eos_token_ids)
+        return self.decoder.last_logits(), new_pos.value
+
+    def generate(self, image, text: str, max_new_tokens: int = 32, eos_token_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy tokens for a prompt `text` holding one `self.marker` where the image goes."""
+        logits, pos = self.prefill(image, text)
+        return self.decoder.greedy(logits, pos, max_new_tokens, eos_token_ids)
 
     def close(self) -> None:
         if self.ctx:

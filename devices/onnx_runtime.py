@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -75,7 +75,7 @@ def pack_anyres(tiles: np.ndarray, image_size: Sequence[int], anyres: Mapping, n
     if tiles.shape[0] == 1:
         return np.concatenate([tiles[0], newline[None].astype(tiles.dtype)])
     side, d = anyres["tokens_per_side"], tiles.shape[-1]
-    rows, cols = anyres_grid(image_size, anyres["image_grid_pinpoints"], anyres["tile_size"])
+    rows, cols = anyres_grid(image_size, anyres["grid_pinpoints"], anyres["tile_size"])
     grid = tiles[1:].reshape(rows, cols, side, side, d).transpose(4, 0, 2, 1, 3).reshape(d, rows * side, cols * side)
     grid = unpad(grid, image_size)
     column = np.broadcast_to(newline.astype(grid.dtype)[:, None, None], (d, grid.shape[1], 1))
@@ -87,11 +87,8 @@ class OnnxVLM:
     """The three graphs of an exported folder and a greedy generate loop with its own KV cache."""
 
     def __init__(self, folder, providers: Sequence[str] = ("CPUExecutionProvider",), session_options=None):
-        from edgekit.model.families import family_for
-
         self.folder = Path(folder)
         self.config: dict[str, Any] = json.loads((self.folder / DESCRIPTION_FILE).read_text())
-        self.family = family_for(SimpleNamespace(model_type=self.config["model_type"]))
         self.providers = list(providers)
         self.session_options = session_options
         self.cross = "cross_attention" in self.config
@@ -140,7 +137,7 @@ class OnnxVLM:
 
     def tiles_per_image(self, inputs: Mapping) -> list[int]:
         a = self.anyres
-        return [int(np.prod(anyres_grid(s, a["image_grid_pinpoints"], a["tile_size"]))) + 1
+        return [int(np.prod(anyres_grid(s, a["grid_pinpoints"], a["tile_size"]))) + 1
                 for s in _np(inputs[Names.IMAGE_SIZES])]  # fmt: skip
 
     def vision_outputs(self, inputs: Mapping) -> np.ndarray:
@@ -203,10 +200,11 @@ class OnnxVLM:
         return past
 
     def generate(self, inputs: Mapping, max_new_tokens: int = 32, eos_token_ids: Sequence[int] | None = None,
-                 features: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                 features: np.ndarray | None = None, stamps: list[float] | None = None) -> np.ndarray:  # fmt: skip
         """Greedy decoding: prefill the prompt (past length 0), then one token at a time with the KV cache.
         Returns the new token ids [batch, n]; a row stops after its first eos (`eos_token_ids`, default the
-        folder's; pass () to never stop early) and is padded with pad_token_id after it."""
+        folder's; pass () to never stop early) and is padded with pad_token_id after it. `stamps`, if given, gets
+        the time (perf_counter) at which each decoder run ended: the prefill, then each step."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         eos = list(self.config["eos_token_ids"] if eos_token_ids is None else eos_token_ids)
@@ -224,6 +222,8 @@ class OnnxVLM:
         positions = np.cumsum(attention_mask, -1) - 1
         positions[attention_mask == 0] = 1
         logits, past = self.decoder_step(embeds, attention_mask, positions, self.empty_past(batch), cross)
+        stamps = [] if stamps is None else stamps
+        stamps.append(time.perf_counter())
         out = np.full((batch, max_new_tokens), pad, dtype=np.int64)
         done = np.zeros(batch, dtype=bool)
         last_position = positions[:, -1:]
@@ -240,4 +240,5 @@ class OnnxVLM:
             if cross is not None:
                 cross = (cross[0], cross[1][:, -1:])
             logits, past = self.decoder_step(self.embed_ids(token[:, None]), attention_mask, last_position, past, cross)
+            stamps.append(time.perf_counter())
         return out[:, : n + 1]

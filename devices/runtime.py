@@ -1,31 +1,42 @@
 """One interface over every runtime an artifact runs in: `runtime.generate(prompt, max_new_tokens) -> list[int]`.
 
 Greedy decoding of one image + one user question; the new token ids, up to and including the first end-of-sequence
-token. Runtimes:
+token. `runtime.timed(prompt, steps)` decodes a fixed number of tokens with eos ignored and times each phase, so every
+runtime does the same work in a benchmark (`edgekit.devices.bench`). The runtimes carry the names of the export's
+runtime sets:
 
 | name       | what runs                                                   | built from                          |
 |------------|-------------------------------------------------------------|-------------------------------------|
-| `pytorch`  | transformers, vision tower exiting at k (`family.generate`) | a LoadedModel + k                   |
+| `pytorch`  | transformers, vision tower exiting at k (`TorchRuntime`)    | a checkpoint + k                    |
 | `onnx`     | the three ONNX graphs in ONNX Runtime (`OnnxVLM`)           | an ONNX folder + the processor      |
-| `llama`    | LM GGUF + mmproj GGUF through llama.cpp's mtmd              | the two GGUF files + the processor  |
+| `gguf`     | LM GGUF + mmproj GGUF through llama.cpp's mtmd              | the two GGUF files + the processor  |
 | `hybrid`   | ONNX vision graph -> image embeddings -> llama.cpp LM GGUF  | ONNX folder + LM GGUF + processor   |
 
 The processor (chat template, tokenizer, image preprocessing) is the model's own HF processor; an export folder ships
-it in `processor/`, so `open_runtime(kind, folder)` needs nothing else. `llama` is the odd one out: llama.cpp
+it in `processor/`, so `open_runtime(kind, folder)` needs nothing else. `gguf` is the odd one out: llama.cpp
 tokenizes the text and preprocesses the image itself (its prompt is the same chat-templated text with mtmd's marker
 where the image goes), so its tokens can differ from the others' even before the known CLS-ordering bug.
+This module imports neither torch nor the runtimes' libraries; each runtime imports its own when it is built.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUNTIMES = ("pytorch", "onnx", "llama", "hybrid")
+RUNTIMES = ("pytorch", "onnx", "gguf", "hybrid")
+# What each runtime loads, named as the export manifest's artifacts (pytorch: a checkpoint folder).
+FILES = {
+    "pytorch": ("checkpoint",),
+    "onnx": ("processor_dir", "onnx_dir"),
+    "gguf": ("processor_dir", "lm_gguf", "mmproj_gguf"),
+    "hybrid": ("processor_dir", "onnx_dir", "lm_gguf"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,14 +47,15 @@ class Prompt:
     text: str
 
 
-def chat_text(processor, prompt: Prompt) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}]
+def chat_text(processor, question: str) -> str:
+    """One user turn, an image then `question`, through the model's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def processor_inputs(processor, prompt: Prompt) -> dict:
     """What the HF processor makes of the prompt (tensors), as PyTorch, ONNX and hybrid consume it."""
-    return dict(processor(images=prompt.image, text=chat_text(processor, prompt), return_tensors="pt"))
+    return dict(processor(images=prompt.image, text=chat_text(processor, prompt.text), return_tensors="pt"))
 
 
 def until_eos(tokens, eos: Sequence[int]) -> list[int]:
@@ -53,6 +65,12 @@ def until_eos(tokens, eos: Sequence[int]) -> list[int]:
         if int(token) in eos:
             break
     return out
+
+
+def phases(start: float, vision_end: float, first_token: float, end: float, steps: int) -> dict:
+    """Seconds of one timed run: vision encode, LM prefill up to the first token's logits, then `steps` decodes."""
+    return {"vision_s": vision_end - start, "prefill_s": first_token - vision_end, "decode_s": end - first_token,
+            "steps": steps}  # fmt: skip
 
 
 class Runtime(ABC):
@@ -65,58 +83,43 @@ class Runtime(ABC):
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         """Greedy new tokens, up to and including the first end-of-sequence token."""
 
+    @abstractmethod
+    def timed(self, prompt: Prompt, steps: int) -> dict:
+        """Greedy decoding of the first token and `steps` more, eos ignored; `phases` of the run."""
+
     def decode(self, tokens: Sequence[int]) -> str:
         return self.processor.tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-
-class TorchRuntime(Runtime):
-    """transformers' own code with the vision tower exiting at k (in memory; the model stays cut at k)."""
-
-    name = "pytorch"
-
-    def __init__(self, loaded, exit_layer: int):
-        from edgekit.model.surgery import set_exit_layer
-
-        super().__init__(loaded.processor)
-        self.loaded, self.exit_layer = loaded, exit_layer
-        set_exit_layer(loaded.model, exit_layer)
-        eos = loaded.model.generation_config.eos_token_id
-        self.eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-
-    def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
-        import torch
-
-        from edgekit.model.surgery import set_exit_layer
-
-        model, family, k = self.loaded.model, self.loaded.family, self.exit_layer
-        set_exit_layer(model, k)  # another user of the model may have moved the exit
-        inputs = processor_inputs(self.processor, prompt)
-        inputs = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in inputs.items()}
-        with torch.no_grad():
-            features = family.features_per_layer(model, inputs, [k])[k]
-            out = family.generate(model, family.lm_inputs(model, inputs, features), do_sample=False,
-                                  max_new_tokens=max_new_tokens)  # fmt: skip
-        return until_eos(out[0].tolist(), self.eos)
 
 
 class OnnxRuntime(Runtime):
     name = "onnx"
 
-    def __init__(self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 session_options=None):  # fmt: skip
         from edgekit.devices.onnx_runtime import OnnxVLM
 
         super().__init__(processor)
-        self.vlm = OnnxVLM(onnx_folder, providers=providers)
+        self.vlm = OnnxVLM(onnx_folder, providers=providers, session_options=session_options)
+        self.vlm.vision, self.vlm.embed, self.vlm.decoder  # noqa: B018  open every session now: loading is loading
         self.eos = list(self.vlm.config["eos_token_ids"])
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         return until_eos(self.vlm.generate(processor_inputs(self.processor, prompt), max_new_tokens)[0], self.eos)
 
+    def timed(self, prompt: Prompt, steps: int) -> dict:
+        inputs = processor_inputs(self.processor, prompt)
+        start = time.perf_counter()
+        features = self.vlm.image_features(inputs)
+        vision_end = time.perf_counter()
+        stamps: list[float] = []  # one per decoder run: the prefill, then each step
+        self.vlm.generate(inputs, steps + 1, eos_token_ids=(), features=features, stamps=stamps)
+        return phases(start, vision_end, stamps[0], stamps[-1], len(stamps) - 1)
+
 
 class LlamaCppRuntime(Runtime):
     """llama.cpp end to end (mtmd): what `llama-mtmd-cli --mmproj` runs on a device."""
 
-    name = "llama"
+    name = "gguf"
 
     def __init__(self, lm_gguf, mmproj_gguf, processor, **options):
         from edgekit.devices.llama_runtime import MtmdVLM
@@ -127,13 +130,21 @@ class LlamaCppRuntime(Runtime):
     def prompt_text(self, prompt: Prompt) -> str:
         """The chat-templated prompt with mtmd's marker in place of the processor's image token."""
         token = getattr(self.processor, "image_token", None) or "<image>"
-        text = chat_text(self.processor, prompt)
+        text = chat_text(self.processor, prompt.text)
         if text.count(token) != 1:
             raise ValueError(f"the chat template put {text.count(token)} {token!r} in the prompt; expected one")
         return text.replace(token, self.vlm.marker)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         return self.vlm.generate(prompt.image, self.prompt_text(prompt), max_new_tokens)
+
+    def timed(self, prompt: Prompt, steps: int) -> dict:
+        text = self.prompt_text(prompt)
+        start = time.perf_counter()
+        logits, pos = self.vlm.prefill(prompt.image, text)  # mtmd encodes the image inside its prefill
+        first_token = time.perf_counter()
+        self.vlm.decoder.decode_steps(logits, pos, steps)
+        return phases(start, start, first_token, time.perf_counter(), steps)
 
 
 class HybridRuntime(Runtime):
@@ -146,33 +157,60 @@ class HybridRuntime(Runtime):
 
         super().__init__(processor)
         self.vlm = HybridVLM(onnx_folder, lm_gguf, **options)
+        self.vlm.vision.vision  # noqa: B018  open the vision session now
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         return self.vlm.generate(processor_inputs(self.processor, prompt), max_new_tokens)
 
+    def timed(self, prompt: Prompt, steps: int) -> dict:
+        inputs = processor_inputs(self.processor, prompt)
+        start = time.perf_counter()
+        features = self.vlm.vision.image_features(inputs)
+        vision_end = time.perf_counter()
+        logits, pos = self.vlm.prefill(inputs, features)
+        first_token = time.perf_counter()
+        self.vlm.decoder.decode_steps(logits, pos, steps)
+        return phases(start, vision_end, first_token, time.perf_counter(), steps)
 
-def open_runtime(kind: str, export_dir, **options) -> Runtime:
-    """A runtime over an `edgekit export` folder (`onnx`, `llama` or `hybrid`), from its manifest."""
-    from transformers import AutoProcessor
 
+def export_files(kind: str, folder) -> dict[str, Path]:
+    """The files runtime `kind` loads from an `edgekit export` folder, by its manifest (pytorch: the folder is a
+    checkpoint)."""
     from edgekit.errors import UserError
+    from edgekit.export.manifest import MANIFEST_FILE
 
-    folder = Path(export_dir)
-    manifest_path = folder / "manifest.json"
+    folder = Path(folder)
+    if kind not in FILES:
+        raise UserError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")
+    if kind == "pytorch":
+        return {"checkpoint": folder}
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise UserError(f"{folder}: no manifest.json (not an edgekit export folder)")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    art = manifest["artifacts"]
-    processor = AutoProcessor.from_pretrained(folder / art["processor_dir"])
-    need = {"onnx": ("onnx_dir",), "llama": ("lm_gguf", "mmproj_gguf"), "hybrid": ("onnx_dir", "lm_gguf")}
-    if kind not in need:
-        raise UserError(f"unknown runtime {kind!r} for an export folder; choose one of {', '.join(need)}")
-    missing = [key for key in need[kind] if not art.get(key)]
+        raise UserError(f"{folder}: no {MANIFEST_FILE} (not an edgekit export folder)")
+    art: dict[str, Any] = json.loads(manifest_path.read_text())["artifacts"]
+    missing = [key for key in FILES[kind] if not art.get(key)]
     if missing:
         raise UserError(f"{folder} has no {', '.join(missing)} for the {kind} runtime")
-    path = {key: folder / art[key] for key in need[kind]}
+    return {key: folder / art[key] for key in FILES[kind]}
+
+
+def open_files(kind: str, files: Mapping[str, Any], **options) -> Runtime:
+    """Runtime `kind` over its FILES; `options` go to its constructor (pytorch: `exit_layer`, required)."""
+    if kind == "pytorch":
+        from edgekit.devices.torch_runtime import TorchRuntime
+        from edgekit.model.loading import load
+
+        return TorchRuntime(load(files["checkpoint"], dtype=options.pop("dtype", "float32")), **options)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(files["processor_dir"])
     if kind == "onnx":
-        return OnnxRuntime(path["onnx_dir"], processor, **options)
-    if kind == "llama":
-        return LlamaCppRuntime(path["lm_gguf"], path["mmproj_gguf"], processor, **options)
-    return HybridRuntime(path["onnx_dir"], path["lm_gguf"], processor, **options)
+        return OnnxRuntime(files["onnx_dir"], processor, **options)
+    if kind == "gguf":
+        return LlamaCppRuntime(files["lm_gguf"], files["mmproj_gguf"], processor, **options)
+    return HybridRuntime(files["onnx_dir"], files["lm_gguf"], processor, **options)
+
+
+def open_runtime(kind: str, folder, **options) -> Runtime:
+    """Runtime `kind` (one of RUNTIMES) over an `edgekit export` folder, or over a checkpoint for `pytorch`."""
+    return open_files(kind, export_files(kind, folder), **options)

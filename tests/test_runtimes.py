@@ -1,25 +1,34 @@
-"""One generate() over PyTorch, ONNX Runtime, llama.cpp (mtmd) and the hybrid, on the tiny LLaVA exported at exit k.
+"""One generate() over PyTorch, ONNX Runtime, llama.cpp (mtmd, runtime `gguf`) and the hybrid, on the tiny LLaVA
+exported at exit k.
 
 Oracles: transformers' greedy generate with the tower exiting at k. At F32 the hybrid (ONNX vision -> embeddings ->
 llama.cpp decoder) and ONNX Runtime must be token-identical to it, compared up to the first eos on both sides.
 llama.cpp's own vision path (mtmd) is measured and printed, not gated: its LLaVA graph orders CLS after the patches
 (ggml-org/llama.cpp#25814) and it preprocesses images itself, so exact parity is impossible upstream today.
+The ONNX runtime runs with torch and transformers unimportable, and the bench harness reports the peak memory of the
+runtime's own process, not its parent's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import sample_image
 
+from edgekit.devices.bench import bench_in_subprocess, status_mib
+from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.devices.profiles import load_profile
+from edgekit.devices.runtime import RUNTIMES, Prompt, export_files, open_runtime, processor_inputs, until_eos
+from edgekit.devices.torch_runtime import TorchRuntime
 from edgekit.errors import UserError
 from edgekit.export.artifacts import export_artifacts
 from edgekit.model.loading import load
-from edgekit.devices.runtime import Prompt, TorchRuntime, open_runtime, processor_inputs, until_eos
 from edgekit.model.surgery import set_exit_layer
 
 K = 12
@@ -93,7 +102,7 @@ def test_mtmd_path_measured(tiny):
     """llama.cpp end to end: weights checked through the image embeddings (equal to transformers' or to the
     upstream CLS-last layout), tokens measured against PyTorch and printed."""
     loaded, folder, torch_rt, reference = tiny
-    runtime = open_runtime("llama", folder, **LLAMA)
+    runtime = open_runtime("gguf", folder, **LLAMA)
     model = loaded.model
     set_exit_layer(model, K)
 
@@ -145,7 +154,7 @@ def test_quantized_artifacts_run_in_every_runtime(tiny, tmp_path):
     loaded, _, torch_rt, reference = tiny
     folder = export_artifacts(loaded, K, load_profile("jetson"), tmp_path / "jetson", nthread=2).folder
     eos = torch_rt.eos
-    for kind in ("onnx", "hybrid", "llama"):
+    for kind in ("onnx", "hybrid", "gguf"):
         runtime = open_runtime(kind, folder, **({} if kind == "onnx" else LLAMA))
         got = [until_eos(runtime.generate(p, MAX_NEW_TOKENS), eos) for p in PROMPTS[:2]]
         assert all(1 <= len(g) <= MAX_NEW_TOKENS for g in got)
@@ -162,3 +171,59 @@ def test_open_runtime_errors(tiny, tmp_path):
     onnx_only = export_artifacts(loaded, K, load_profile("phone"), tmp_path / "onnx", formats=("onnx",)).folder
     with pytest.raises(UserError, match="no lm_gguf for the hybrid runtime"):
         open_runtime("hybrid", onnx_only)
+
+
+def test_timed_runs_the_same_steps_in_every_runtime(tiny, tiny_checkpoints):
+    """Every runtime opens by its name (pytorch over a checkpoint) and times a fixed amount of work."""
+    _, folder, _, reference = tiny
+    options = {"pytorch": {"exit_layer": K}, "onnx": {}, "gguf": LLAMA, "hybrid": LLAMA}
+    for kind in RUNTIMES:
+        runtime = open_runtime(kind, tiny_checkpoints["llava"] if kind == "pytorch" else folder, **options[kind])
+        run = runtime.timed(PROMPTS[0], 5)
+        assert run["steps"] == 5 and run["decode_s"] > 0 and run["prefill_s"] > 0 and run["vision_s"] >= 0, kind
+        if kind == "pytorch":
+            assert runtime.generate(PROMPTS[0], MAX_NEW_TOKENS) == reference[0]
+
+
+_WITHOUT_TORCH = """
+import json, sys
+import numpy as np
+
+class Refuse:  # every import of torch or transformers fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} imported by the ONNX runtime")
+
+sys.meta_path.insert(0, Refuse())
+from edgekit.devices.onnx_runtime import OnnxVLM
+
+with np.load(sys.argv[2]) as data:
+    inputs = {key: data[key] for key in data.files}
+print(json.dumps(OnnxVLM(sys.argv[1]).generate(inputs, int(sys.argv[3])).tolist()))
+"""
+
+
+def test_onnx_runtime_needs_neither_torch_nor_transformers(tiny, tmp_path):
+    """What a phone has: numpy and onnxruntime. The same tokens as in this process, where torch is loaded."""
+    loaded, folder, _, _ = tiny
+    onnx_dir = export_files("onnx", folder)["onnx_dir"]
+    inputs = {key: value.numpy() for key, value in processor_inputs(loaded.processor, PROMPTS[1]).items()}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(onnx_dir), str(tmp_path / "inputs.npz"),
+                           str(MAX_NEW_TOKENS)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = OnnxVLM(onnx_dir).generate(inputs, MAX_NEW_TOKENS).tolist()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want and len(want[0]) >= 4
+
+
+def test_bench_reports_the_runtime_process_own_peak(tiny):
+    """ru_maxrss would carry this process's high-water mark into the child; VmHWM is the child's alone."""
+    _, folder, _, _ = tiny
+    ballast = np.ones(1024 * 1024 * 1024, np.uint8)  # 1 GiB, every page touched
+    parent_peak = status_mib("VmHWM")
+    row = bench_in_subprocess("onnx", folder, prompts=2, max_new_tokens=4)
+    del ballast
+    print(f"bench onnx: peak {row['peak_rss_mib']} MiB ({row['baseline_rss_mib']} before weights); this process's "
+          f"peak {parent_peak:.1f} MiB")  # fmt: skip
+    assert 0 < row["baseline_rss_mib"] <= row["peak_rss_mib"] < parent_peak - 768
+    assert row["runtime"] == "onnx" and row["prompts"] == 2 and row["first_token_ms"] > 0 and row["decode_tok_s"] > 0
