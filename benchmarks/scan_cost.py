@@ -80,7 +80,7 @@ def main() -> None:
     }  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"| method | images through the tower | median s | s per layer |\n|---|---|---|---|")
+    print("| method | images through the tower | median s | s per layer |\n|---|---|---|---|")
     for name in ("scan", "per_layer_exit"):
         r = result[name]
         print(f"| {name} | {r['images_through_tower']} | {r['seconds']:.2f} | {r['seconds_per_layer']:.3f} |")

@@ -22,9 +22,20 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():  # a path under a file would otherwise fail only once the work is done
+        raise UserError(f"{out}: cannot write here ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{out}: cannot write here ({parent} is not writable)")
     return out
+
+
+def save_processor(processor, source: str | Path, folder: str | Path) -> None:
+    """The processor's files, plus the SentencePiece `tokenizer.model` that LLaVA repos ship beside tokenizer.json
+    (a fast tokenizer's save_pretrained does not write it), so the folder keeps the source's layout."""
+    processor.save_pretrained(folder)
+    sentencepiece = Path(source) / "tokenizer.model"
+    if sentencepiece.is_file():
+        shutil.copy(sentencepiece, Path(folder) / "tokenizer.model")
 
 
 @contextmanager

@@ -13,10 +13,11 @@ K-quants / Q4_0 by llama.cpp's own quantizer from an f32 intermediate. Then the 
 ONNX folder; LM + mmproj; the hybrid's vision graph + LM) must fit the profile's budget, or the export fails with a
 UserError and nothing is left written. The budget covers the weights a device loads, not its KV cache or activations.
 
-Per family: LLaVA-1.5 gets every artifact. LLaVA-NeXT gets the ONNX folder and the LM GGUF but no mmproj: edgekit's
-mmproj writer has no anyres (image grid pinpoints, image_newline) support, and a LLaVA-1.5-style mmproj would silently
-see only the base tile; the hybrid runtime (ONNX vision, which packs anyres tiles exactly, + llama.cpp LM) runs it.
-Llama 3.2 Vision: ONNX only (llama.cpp has no support for it).
+Per family, as the family table says (`gguf_language_model`, `gguf_projector`): LLaVA-1.5 gets every artifact.
+LLaVA-NeXT gets the ONNX folder and the LM GGUF but no mmproj: edgekit's mmproj writer has no anyres (image grid
+pinpoints, image_newline) support, and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid
+runtime (ONNX vision, which packs anyres tiles exactly, + llama.cpp LM) runs it. Llama 3.2 Vision: ONNX only
+(llama.cpp has no support for it).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.devices.profiles import FORMATS, TargetProfile
+from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
-from edgekit.outputs import atomic_dir, check_output_dir
+from edgekit.export.quantizations import PYTHON_GGUF_TYPES
+from edgekit.outputs import atomic_dir, check_output_dir, save_processor
 from edgekit.model.surgery import check_exit_layer, num_exit_layers, set_exit_layer
 
 PROCESSOR_DIR = "processor"
 _WORK_DIR = ".work"  # intermediates inside the temporary folder, removed before it is renamed into place
-PYTHON_GGUF_TYPES = ("f32", "f16", "q8_0")  # written directly by edgekit.export.gguf
 CALIBRATION_PROMPTS = ("describe the image", "what colour is the shape", "what is in the middle of the picture",
                        "is there a circle or a square")  # fmt: skip
 
@@ -76,18 +78,6 @@ def human(n: float) -> str:
     return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """edgekit.outputs.check_output_dir, plus: the nearest existing ancestor must be a folder (a path under a file
-    would otherwise fail only once the export has run)."""
-    out = check_output_dir(out, overwrite)
-    parent = Path(out).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{out}: cannot write here ({parent} is a file, not a folder)")
-    return out
-
-
 def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     """'onnx,gguf' -> ('onnx', 'gguf'); unknown or empty -> UserError."""
     items = [f.strip().lower() for f in (text.split(",") if isinstance(text, str) else text)]
@@ -105,10 +95,8 @@ def check_request(family, num_layers: int, exit_layer, profile: TargetProfile, f
     for fmt in formats:
         if fmt not in profile.formats:
             raise UserError(f"target {profile.name} takes formats {', '.join(profile.formats)}, not {fmt}")
-    if "gguf" in formats and family.gguf_projector is None:
-        if "mllama" in family.model_types:
-            raise UserError("llama.cpp has no Llama 3.2 Vision support; use --formats onnx")
-        raise UserError(f"llama.cpp cannot run {family.name}; use --formats onnx")
+    if "gguf" in formats and not family.gguf_language_model:
+        raise UserError(f"llama.cpp has no {family.name} support; use --formats onnx")
     scheme = onnx_quantization or profile.onnx_quantization
     if scheme not in profile.onnx_options:
         raise UserError(f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, "
@@ -135,7 +123,7 @@ def export_artifacts(
     formats = parse_formats(formats)
     num_layers = num_exit_layers(model)
     scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
-    check_output(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     entries: list[FileEntry] = []
     notes: list[str] = []
     onnx_dir = lm_name = mmproj_name = None
@@ -152,7 +140,7 @@ def export_artifacts(
             lm_name = f"lm-{profile.gguf_quantization}.gguf"
             _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
             entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
-            if _writes_mmproj(model):
+            if family.gguf_projector:
                 mmproj_name = f"mmproj-k{exit_layer}-{profile.mmproj_quantization}.gguf"
                 _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
                 entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
@@ -170,8 +158,7 @@ def export_artifacts(
                 f"({profile.memory_budget_bytes} bytes); pick a smaller quantization, model or another target"
             )  # fmt: skip
         extra: dict[str, Any] = {
-            "family": family.name,
-            "model_type": model.config.model_type,
+            **family.manifest_fields(model.config),
             "num_exit_layers": num_layers,
             "formats": list(formats),
             "quantization": {"onnx": scheme if onnx_dir else None, "gguf": profile.gguf_quantization if lm_name
@@ -191,11 +178,6 @@ def export_artifacts(
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
-def _writes_mmproj(model) -> bool:
-    """LLaVA-1.5 only: LLaVA-NeXT's anyres is not in the mmproj writer (see module doc)."""
-    return not isinstance(getattr(model.config, "image_grid_pinpoints", None), list)
-
-
 def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_inputs) -> None:
     from edgekit.export.onnx import export_onnx
     from edgekit.export.onnx_quantize import quantize
@@ -211,14 +193,15 @@ def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_i
 
 def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> None:
     from edgekit.export import gguf
+    from edgekit.model.families import attr_path, text_config
 
     model, processor = loaded.model, loaded.processor
-    state = {**model.model.language_model.state_dict(), "lm_head.weight": model.lm_head.weight}
-    text_config = model.config.get_text_config(decoder=True)
+    lm = attr_path(model, loaded.family.language_model)
+    state = {**lm.state_dict(), "lm_head.weight": model.get_output_embeddings().weight}
     direct = qtype in PYTHON_GGUF_TYPES
     src = path if direct else work / "lm-f32.gguf"
-    gguf.write_language_model(text_config, state, processor.tokenizer, src, ftype=qtype if direct else "f32",
-                              chat_template=processor.chat_template)  # fmt: skip
+    gguf.write_language_model(text_config(model.config), state, processor.tokenizer, src,
+                              ftype=qtype if direct else "f32", chat_template=processor.chat_template)  # fmt: skip
     if not direct:
         from llama_cpp._utils import suppress_stdout_stderr
 
@@ -240,10 +223,7 @@ def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:
 
 
 def _write_processor(loaded, out: Path) -> list[FileEntry]:
-    loaded.processor.save_pretrained(out)
-    sentencepiece = Path(loaded.source) / "tokenizer.model"
-    if sentencepiece.is_file():
-        shutil.copy(sentencepiece, out / "tokenizer.model")
+    save_processor(loaded.processor, loaded.source, out)
     return [file_entry(out.parent, p, "processor", "none") for p in sorted(out.rglob("*")) if p.is_file()]
 
 
@@ -274,8 +254,6 @@ def default_calibration_inputs(processor, n: int = 4) -> list[dict]:
         image = Image.fromarray(np.broadcast_to(ramp, (48, 64, 3)).astype("uint8"))
         colour = tuple(int(v) for v in rng.integers(0, 255, 3))
         ImageDraw.Draw(image).ellipse([8 + 4 * i, 8, 40 + 4 * i, 40], fill=colour)
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": CALIBRATION_PROMPTS[i % 4]}]}]  # fmt: skip
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = chat_text(processor, CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)])
         out.append(dict(processor(images=image, text=prompt, return_tensors="pt")))
     return out

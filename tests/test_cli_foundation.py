@@ -48,6 +48,21 @@ def test_bad_exit_layer(capsys, tiny_checkpoints, tmp_path, k, fragments):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["inspect", "--exit-layer", "25"], ["truncate", "--exit-layer", "25", "-o", "OUT"],
+     ["export", "--exit-layer", "25", "--target", "jetson", "-o", "OUT"], ["scan", "--layers", "1-25", "-o", "OUT"],
+     ["align", "--exit-layer", "25", "-o", "OUT"]],
+)  # fmt: skip
+def test_omitted_model_is_the_demo_model_checked_before_training(capsys, tmp_path, monkeypatch, argv):
+    """Every command that takes MODEL falls back to the demo model; a bad layer fails before minutes of training."""
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, *[str(out) if a == "OUT" else a for a in argv])
+    _assert_one_line_error(code, err, "25", "1..24")
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def test_bad_model_paths(capsys, tmp_path, unsupported_model):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "truncate", str(tmp_path / "missing"), "--exit-layer", "3", "-o", str(out))

@@ -43,7 +43,7 @@ def test_profiles_and_kinds():
     assert (nano.onnx_quantization, nano.gguf_quantization) == ("fp16", "q4_k_m")
     assert (phone.onnx_quantization, phone.gguf_quantization) == ("int8_dynamic", "q4_0")
     assert "int4" in phone.onnx_options and phone.kind == "phone"
-    assert nano.gates.max_asr_increase_points > 0 and nano.onnx_opset >= 13
+    assert nano.gates.asr > 0 and nano.onnx_opset >= 13
     with pytest.raises(dataclasses.FrozenInstanceError):
         nano.memory_budget_bytes = 1  # type: ignore[misc]
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import processor_inputs
 
 from edgekit.cli import main
 from edgekit.model.loading import load

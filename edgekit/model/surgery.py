@@ -9,7 +9,6 @@ transformers loads with no edgekit import.
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +75,11 @@ def truncate(model, k: int) -> None:
 
 def truncate_checkpoint(loaded, k: int, out, *, overwrite: bool = False):
     """Save `loaded` (a LoadedModel) cut to k vision blocks as a plain HF checkpoint in `out`, atomically."""
-    from edgekit.outputs import atomic_dir
+    from edgekit.outputs import atomic_dir, save_processor
 
     check_exit_layer(k, num_exit_layers(loaded.model))
     with atomic_dir(out, overwrite) as tmp:
         truncate(loaded.model, k)
         loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.processor.save_pretrained(tmp)
-        sentencepiece = Path(loaded.source) / "tokenizer.model"
-        if sentencepiece.is_file():  # real LLaVA repos ship it beside tokenizer.json; keep the layout
-            shutil.copy(sentencepiece, tmp / "tokenizer.model")
+        save_processor(loaded.processor, loaded.source, tmp)
     return Path(out)

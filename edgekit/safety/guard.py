@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekit.errors import GateFailure
+from edgekit.errors import GateFailure, first_line
 from edgekit.safety.judges import Judgment, RefusalJudge
 
 DEFAULT_GUARD = "meta-llama/Llama-Guard-3-8B"
@@ -43,7 +43,7 @@ class LlamaGuardJudge:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True).to(device).eval()
         except (OSError, ValueError) as err:
-            raise JudgeError(f"cannot load Llama Guard from {model}: {str(err).splitlines()[0]}") from None
+            raise JudgeError(f"cannot load Llama Guard from {model}: {first_line(err)}") from None
         self.max_new_tokens = max_new_tokens
         self.refusals = RefusalJudge()
 

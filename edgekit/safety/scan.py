@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
 from edgekit.safety.judges import Judge
 from edgekit.safety.metrics import Estimate, bootstrap_mean
@@ -44,13 +45,7 @@ class ScanResult:
 
 def chat_inputs(processor, items: Sequence[Item]) -> dict:
     """Processor-built, left-padded inputs for items (one image and one user turn each)."""
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.prompt}]}],
-            add_generation_prompt=True,
-        )
-        for item in items
-    ]
+    prompts = [chat_text(processor, item.prompt) for item in items]
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=[[item.image()] for item in items], text=prompts, return_tensors="pt", padding=True))
 
@@ -61,7 +56,7 @@ def generate_per_layer(loaded, inputs: dict, layers: Sequence[int], max_new_toke
     model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
     inputs = {name: value.to(model.device) for name, value in inputs.items()}
     features = family.features_per_layer(model, inputs, list(layers))
-    image_token = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    image_token = family.image_token_id(model.config)
     out = {}
     for k in layers:
         new_tokens = family.generate(
