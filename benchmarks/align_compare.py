@@ -38,16 +38,28 @@ def scan_model(loaded, layers: list[int], limit: int | None, split: str = "eval"
     return scan_rows(scan(loaded, items, layers, RefusalJudge(), max_new_tokens=24))
 
 
-def run(model: str, name: str, config: LPPOConfig, method: str, layers: list[int], limit: int | None, work: Path
-        ) -> dict:  # fmt: skip
+def run(
+    model: str, name: str, config: LPPOConfig, method: str, layers: list[int], limit: int | None, work: Path
+) -> dict:
     print(f"{name}: aligning", file=sys.stderr, flush=True)
     start = time.time()
-    result = align(load(model, dtype="float32"), work / name, config, JudgeReward() if method == "lppo" else None,
-                   method=method, progress=False)  # fmt: skip
+    result = align(
+        load(model, dtype="float32"),
+        work / name,
+        config,
+        JudgeReward() if method == "lppo" else None,
+        method=method,
+        progress=False,
+    )
     seconds = time.time() - start
     aligned = load(work / name / "merged", dtype="float32")
-    return {"method": method, "exit_layers": list(config.layers), "align_seconds": round(seconds, 1),
-            "last": result.last, "layers": scan_model(aligned, layers, limit)}  # fmt: skip
+    return {
+        "method": method,
+        "exit_layers": list(config.layers),
+        "align_seconds": round(seconds, 1),
+        "last": result.last,
+        "layers": scan_model(aligned, layers, limit),
+    }
 
 
 def markdown(runs: dict[str, dict]) -> str:
@@ -71,8 +83,14 @@ def plot(runs: dict[str, dict], path: Path, exit_layer: int, span: tuple[int, in
         for i, (name, run_) in enumerate(runs.items()):
             rows = run_["layers"]
             x = [r["layer"] for r in rows]
-            ax.plot(x, [100 * r[metric] for r in rows], "--" if name == "before" else "-", marker="o", color=f"C{i}",
-                    label=name)  # fmt: skip
+            ax.plot(
+                x,
+                [100 * r[metric] for r in rows],
+                "--" if name == "before" else "-",
+                marker="o",
+                color=f"C{i}",
+                label=name,
+            )
         ax.axvspan(span[0], span[1], color="grey", alpha=0.08)
         ax.axvline(exit_layer, color="black", linestyle=":", linewidth=1)
         ax.set(title=LABELS[metric], xlabel="vision exit layer", ylabel="%", ylim=(-2, 102))
@@ -109,8 +127,9 @@ def main() -> None:
         for method in ("lppo", "sft"):
             for name, span in ((f"{method} @{args.exit_layer}", None), (f"{method} @{low}-{high}", (low, high))):
                 config = LPPOConfig(exit_layer=args.exit_layer, exit_layers=span, steps=args.steps)
-                runs[name] = run(args.model, name.replace(" @", "-"), config, method, layers, args.limit_per_kind,
-                                 Path(work))  # fmt: skip
+                runs[name] = run(
+                    args.model, name.replace(" @", "-"), config, method, layers, args.limit_per_kind, Path(work)
+                )
     record = {"model": args.model, "steps": args.steps, "reward": JudgeReward().name, "runs": runs}
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(markdown(runs))

@@ -55,13 +55,26 @@ print(json.dumps({"peak_rss_mib": peak / 1024}))
 
 GLIBC, FIXED = {}, {"MALLOC_MMAP_THRESHOLD_": "262144"}
 # (allocator, its environment, whether alignment recomputes activations)
-RUNS = [("glibc default", GLIBC, True), ("MALLOC_MMAP_THRESHOLD_=262144", FIXED, True),
-        ("glibc default, activations kept", GLIBC, False)]  # fmt: skip
+RUNS = [
+    ("glibc default", GLIBC, True),
+    ("MALLOC_MMAP_THRESHOLD_=262144", FIXED, True),
+    ("glibc default, activations kept", GLIBC, False),
+]
 
 
 def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = True) -> float:
-    cmd = [sys.executable, "-c", CHILD, mode, model, str(args.exit_layer), str(args.batch), str(args.new_tokens),
-           str(args.steps), str(int(recompute))]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        mode,
+        model,
+        str(args.exit_layer),
+        str(args.batch),
+        str(args.new_tokens),
+        str(args.steps),
+        str(int(recompute)),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ | env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -94,17 +107,34 @@ def main() -> None:
         key = tuple(env.items())
         inference[key] = inference.get(key) or measure("inference", model, args, env)
         alignment = measure("align", model, args, env, recompute)
-        rows.append({"allocator": allocator, "recompute_activations": recompute,
-                     "inference_peak_rss_mib": inference[key], "align_peak_rss_mib": alignment,
-                     "ratio": alignment / inference[key]})  # fmt: skip
-    result = {"model": model, "size": args.size if args.model is None else None, "exit_layer": args.exit_layer,
-              "batch": args.batch, "new_tokens": args.new_tokens, "steps": args.steps, "runs": rows}  # fmt: skip
+        rows.append(
+            {
+                "allocator": allocator,
+                "recompute_activations": recompute,
+                "inference_peak_rss_mib": inference[key],
+                "align_peak_rss_mib": alignment,
+                "ratio": alignment / inference[key],
+            }
+        )
+    result = {
+        "model": model,
+        "size": args.size if args.model is None else None,
+        "exit_layer": args.exit_layer,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "steps": args.steps,
+        "runs": rows,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"| allocator | inference (greedy, exit {args.exit_layer}) MiB | L-PPO ({args.steps} steps, batch "
-          f"{args.batch}) MiB | ratio |\n|---|---|---|---|")  # fmt: skip
+    print(
+        f"| allocator | inference (greedy, exit {args.exit_layer}) MiB | L-PPO ({args.steps} steps, batch "
+        f"{args.batch}) MiB | ratio |\n|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['allocator']} | {r['inference_peak_rss_mib']:.0f} | {r['align_peak_rss_mib']:.0f} | "
-              f"{r['ratio']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['allocator']} | {r['inference_peak_rss_mib']:.0f} | {r['align_peak_rss_mib']:.0f} | "
+            f"{r['ratio']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

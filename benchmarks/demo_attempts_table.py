@@ -1,6 +1,6 @@
 """Markdown tables of every demo-model attempt (JSON files written by benchmarks/demo_recipe.py).
 
-    python benchmarks/demo_attempts_table.py docs/demo-attempts/*.json > docs/demo-attempts.md.part
+python benchmarks/demo_attempts_table.py docs/demo-attempts/*.json > docs/demo-attempts.md.part
 """
 
 from __future__ import annotations
@@ -21,8 +21,18 @@ def main(paths: list[str]) -> None:
         print("|---|---|---|---|---|---|---|---|")
         for row in run["layers"]:
             if row["layer"] in LAYERS:
-                cells = [row[k] for k in ("asr", "harmful_text", "harmful_image", "over_refusal", "utility",
-                                          "probe_object", "probe_dangerous")]  # fmt: skip
+                cells = [
+                    row[k]
+                    for k in (
+                        "asr",
+                        "harmful_text",
+                        "harmful_image",
+                        "over_refusal",
+                        "utility",
+                        "probe_object",
+                        "probe_dangerous",
+                    )
+                ]
                 print(f"| {row['layer']} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
         print()
 

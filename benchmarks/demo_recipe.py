@@ -1,6 +1,6 @@
 """Train one demo-model recipe, then scan it and probe every layer: the experiment behind the demo model's card.
 
-    python benchmarks/demo_recipe.py OUT.json [--recipe '{"seed": 1, "chat_steps": 1500}'] [--keep DIR]
+python benchmarks/demo_recipe.py OUT.json [--recipe '{"seed": 1, "chat_steps": 1500}'] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict
 
 import torch
+from probe import probe_layers
 
 from edgekit.model.demo import DemoRecipe, train_demo
 from edgekit.model.loading import load
 from edgekit.safety.judges import RefusalJudge
-from probe import probe_layers
 from edgekit.safety.scan import scan
 from edgekit.safety.suite import KINDS, builtin_suite
 
@@ -52,10 +52,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     samples = {
         layer.layer: {kind: [a.response for a in layer.answers if a.item.kind == kind][:3] for kind in KINDS}
-        for layer in result.layers if layer.layer in (12, 23)
-    }  # fmt: skip
-    json.dump({"recipe": asdict(recipe), "train_seconds": trained, "layers": rows, "samples": samples},
-              open(args.out, "w"), indent=1)  # fmt: skip
+        for layer in result.layers
+        if layer.layer in (12, 23)
+    }
+    json.dump(
+        {"recipe": asdict(recipe), "train_seconds": trained, "layers": rows, "samples": samples},
+        open(args.out, "w"),
+        indent=1,
+    )
 
 
 if __name__ == "__main__":

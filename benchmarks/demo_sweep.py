@@ -31,8 +31,17 @@ def main() -> None:
         if len(running) >= args.parallel:
             running.pop(0).wait()
         log = open(out / f"v{i}.log", "w")
-        cmd = [sys.executable, str(script), str(out / f"v{i}.json"), "--recipe", recipe, "--device", args.device,
-               "--threads", "1" if args.parallel > 1 else "2"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(script),
+            str(out / f"v{i}.json"),
+            "--recipe",
+            recipe,
+            "--device",
+            args.device,
+            "--threads",
+            "1" if args.parallel > 1 else "2",
+        ]
         running.append(subprocess.Popen(["timeout", str(args.timeout), *cmd], stdout=log, stderr=subprocess.STDOUT))
     for process in running:
         process.wait()

@@ -38,18 +38,26 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from export_bench_results import describe_model, machine, markdown, plot, vision_summary
 
 from edgekit.devices.bench import decode_summary, lockstep
 from edgekit.model.tiny import TinySizes
-from export_bench_results import describe_model, machine, markdown, plot, vision_summary
 
 # ~100M-parameter language model (TinySizes fixes the MLP at 2 x hidden, so 16 layers of 768 reach it: 95.6M) and a
 # CLIP tower of LLaVA-1.5's depth at 224 px in 14 px patches (256 patches + CLS). Rows of 768 and 1536 are whole
 # 256-blocks, so llama.cpp's K-quants apply unchanged. Vocabulary 768: the most the default corpus trains.
 MID_SIZES = TinySizes(
-    vision_hidden=256, vision_layers=24, vision_heads=4, image_size=224, patch_size=14, text_hidden=768,
-    text_layers=16, text_heads=12, text_kv_heads=12, vocab_size=768,
-)  # fmt: skip
+    vision_hidden=256,
+    vision_layers=24,
+    vision_heads=4,
+    image_size=224,
+    patch_size=14,
+    text_hidden=768,
+    text_layers=16,
+    text_heads=12,
+    text_kv_heads=12,
+    vocab_size=768,
+)
 DEFAULT_REPEATS = {"tiny": (30, 10), "mid": (20, 7)}  # (vision rounds, decode rounds)
 PROMPT_TEXT = "describe the image in detail ."
 ONNX_SCHEMES = ("fp32", "int8_dynamic", "int4")
@@ -79,8 +87,13 @@ def _gguf_tensor_types(path: Path) -> dict[str, int]:
 def _bench_profile():
     from edgekit.devices.profiles import load_profile
 
-    return replace(load_profile("phone"), name="export-bench", formats=("onnx", "gguf"),
-                   onnx_options=ONNX_SCHEMES, memory_budget_bytes=10**13)  # fmt: skip
+    return replace(
+        load_profile("phone"),
+        name="export-bench",
+        formats=("onnx", "gguf"),
+        onnx_options=ONNX_SCHEMES,
+        memory_budget_bytes=10**13,
+    )
 
 
 def export_all(loaded, layers: list[int], exit_layer: int, work: Path, threads: int) -> dict:
@@ -94,20 +107,36 @@ def export_all(loaded, layers: list[int], exit_layer: int, work: Path, threads: 
         start = time.perf_counter()
         folder = work / f"vision-k{k}"
         export_onnx(loaded.model, loaded.processor, loaded.family, k, folder, parts=(VISION_FILE,))
-        exports["vision_by_k"][str(k)] = {"path": str(folder / VISION_FILE), "seconds": round(time.perf_counter()
-                                          - start, 2), "bytes": (folder / VISION_FILE).stat().st_size}  # fmt: skip
+        exports["vision_by_k"][str(k)] = {
+            "path": str(folder / VISION_FILE),
+            "seconds": round(time.perf_counter() - start, 2),
+            "bytes": (folder / VISION_FILE).stat().st_size,
+        }
     profile = _bench_profile()
 
     def one(kind: str, name: str, prof, formats) -> dict:
         start = time.perf_counter()
         try:
-            result = export_artifacts(loaded, exit_layer, prof, work / f"{kind}-{name}", formats=formats,
-                                      onnx_quantization=prof.onnx_quantization, nthread=threads)  # fmt: skip
+            result = export_artifacts(
+                loaded,
+                exit_layer,
+                prof,
+                work / f"{kind}-{name}",
+                formats=formats,
+                onnx_quantization=prof.onnx_quantization,
+                nthread=threads,
+            )
         except Exception as err:  # noqa: BLE001  recorded, not fatal: the other artifacts still get measured
             return {"error": f"{type(err).__name__}: {err}"}
         files = {e.path: e.bytes for e in result.files if e.format in ("onnx", "gguf", "npy")}
-        return {"folder": str(result.folder), "seconds": round(time.perf_counter() - start, 2), "files": files,
-                "onnx_dir": result.onnx_dir, "lm_gguf": result.lm_gguf, "mmproj_gguf": result.mmproj_gguf}  # fmt: skip
+        return {
+            "folder": str(result.folder),
+            "seconds": round(time.perf_counter() - start, 2),
+            "files": files,
+            "onnx_dir": result.onnx_dir,
+            "lm_gguf": result.lm_gguf,
+            "mmproj_gguf": result.mmproj_gguf,
+        }
 
     for scheme in ONNX_SCHEMES:
         print(f"  export onnx {scheme}", file=sys.stderr, flush=True)
@@ -137,22 +166,34 @@ def decode_rows(model_path: str, exports: dict, exit_layer: int, n_ctx: int) -> 
     for scheme in ONNX_SCHEMES:
         e = exports["onnx"][scheme]
         spec = e if "error" in e else {"runtime": "onnx", "files": _files("onnx", e["folder"])}
-        rows[f"onnx-{scheme}"] = {"runtime": "onnxruntime", "quantization": scheme, "files": e.get("files", {}),
-                                  "spec": spec}  # fmt: skip
+        rows[f"onnx-{scheme}"] = {
+            "runtime": "onnxruntime",
+            "quantization": scheme,
+            "files": e.get("files", {}),
+            "spec": spec,
+        }
     onnx = exports["onnx"]["fp32"]
     for qtype, _ in GGUF_TYPES:
         e = exports["gguf"][qtype]
         if "error" in e or "error" in onnx:
-            rows[f"hybrid-{qtype}"] = {"runtime": hybrid, "quantization": qtype, "files": {},
-                                       "spec": e if "error" in e else onnx}  # fmt: skip
+            rows[f"hybrid-{qtype}"] = {
+                "runtime": hybrid,
+                "quantization": qtype,
+                "files": {},
+                "spec": e if "error" in e else onnx,
+            }
             continue
         vision_file = f"{onnx['onnx_dir']}/vision_encoder.onnx"
         rows[f"hybrid-{qtype}"] = {
-            "runtime": hybrid, "quantization": qtype,
+            "runtime": hybrid,
+            "quantization": qtype,
             "files": {vision_file: onnx["files"][vision_file], e["lm_gguf"]: e["files"][e["lm_gguf"]]},
-            "spec": {"runtime": "hybrid", "files": {**_files("onnx", onnx["folder"]), **_files("gguf", e["folder"])},
-                     "options": {"n_ctx": n_ctx}},
-        }  # fmt: skip
+            "spec": {
+                "runtime": "hybrid",
+                "files": {**_files("onnx", onnx["folder"]), **_files("gguf", e["folder"])},
+                "options": {"n_ctx": n_ctx},
+            },
+        }
     for row in rows.values():
         row["weights_bytes"] = sum(row["files"].values())
         if "error" in row["spec"]:
@@ -207,22 +248,41 @@ def run(args) -> None:
 
     common = {"threads": args.threads, "spin": args.spin}
     graphs = {str(k): e["path"] for k, e in exports["vision_by_k"].items()}
-    vision_spec = {**common, "kind": "vision", "warmup": args.warmup, "graphs": graphs, "model": model_path,
-                   "pixels": str(work / "pixel_values.npy")}  # fmt: skip
+    vision_spec = {
+        **common,
+        "kind": "vision",
+        "warmup": args.warmup,
+        "graphs": graphs,
+        "model": model_path,
+        "pixels": str(work / "pixel_values.npy"),
+    }
     vision_specs = {f"{runtime}_fp32": {**vision_spec, "runtime": runtime} for runtime in ("onnx", "pytorch")}
     measured = lockstep(work, vision_specs, vision_repeats, _progress)
-    vision = {"layers": layers, "L": num_layers, "rounds": vision_repeats,
-              "ideal_ratio": {str(k): round(k / num_layers, 4) for k in layers}}  # fmt: skip
+    vision = {
+        "layers": layers,
+        "L": num_layers,
+        "rounds": vision_repeats,
+        "ideal_ratio": {str(k): round(k / num_layers, 4) for k in layers},
+    }
     for name, r in measured.items():
         vision[name] = vision_summary(r, layers) if r.get("runs") else r
 
     n_ctx = -(-(prompt_tokens + args.new_tokens + 16) // 256) * 256
-    decode_spec = {**common, "kind": "decode", "warmup": 1, "steps": args.new_tokens,
-                   "prompts": [{"image": str(work / "prompt.png"), "text": PROMPT_TEXT}]}  # fmt: skip
+    decode_spec = {
+        **common,
+        "kind": "decode",
+        "warmup": 1,
+        "steps": args.new_tokens,
+        "prompts": [{"image": str(work / "prompt.png"), "text": PROMPT_TEXT}],
+    }
     rows = decode_rows(model_path, exports, exit_layer, n_ctx)
     specs = {name: row.pop("spec") for name, row in rows.items()}
-    measured = lockstep(work, {name: spec if "error" in spec else {**decode_spec, **spec}
-                               for name, spec in specs.items()}, decode_repeats, _progress)  # fmt: skip
+    measured = lockstep(
+        work,
+        {name: spec if "error" in spec else {**decode_spec, **spec} for name, spec in specs.items()},
+        decode_repeats,
+        _progress,
+    )
     decode = []
     for name, row in rows.items():
         r = measured[name]
@@ -230,20 +290,36 @@ def run(args) -> None:
         decode.append({**row, **r, **(decode_summary(runs) if runs else {})})
 
     result = {
-        "benchmark": "export_bench", "size": None if args.model else args.size, "model": model_info,
-        "settings": {"threads": args.threads, "spin_waits": args.spin, "vision_rounds": vision_repeats,
-                     "decode_rounds": decode_repeats,
-                     "warmup": args.warmup, "new_tokens": args.new_tokens, "prompt_text": PROMPT_TEXT,
-                     "prompt_tokens": prompt_tokens, "image_tokens": image_tokens, "llama_n_ctx": n_ctx,
-                     "decode_steps": "tokens after the first one; eos ignored; tok/s = steps / their time",
-                     "peak_rss": "VmHWM of the runtime's own process at its end (ru_maxrss would carry the parent's "
-                                 "RSS at fork across exec)",
-                     "mid_sizes": asdict(MID_SIZES) if args.size == "mid" and not args.model else None},
-        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "export_s": round(export_s, 1), "total_s": round(time.perf_counter() - started, 1),
-        "exports": exports, "vision": vision, "decode": decode,
-    }  # fmt: skip
+        "benchmark": "export_bench",
+        "size": None if args.model else args.size,
+        "model": model_info,
+        "settings": {
+            "threads": args.threads,
+            "spin_waits": args.spin,
+            "vision_rounds": vision_repeats,
+            "decode_rounds": decode_repeats,
+            "warmup": args.warmup,
+            "new_tokens": args.new_tokens,
+            "prompt_text": PROMPT_TEXT,
+            "prompt_tokens": prompt_tokens,
+            "image_tokens": image_tokens,
+            "llama_n_ctx": n_ctx,
+            "decode_steps": "tokens after the first one; eos ignored; tok/s = steps / their time",
+            "peak_rss": "VmHWM of the runtime's own process at its end (ru_maxrss would carry the parent's "
+            "RSS at fork across exec)",
+            "mid_sizes": asdict(MID_SIZES) if args.size == "mid" and not args.model else None,
+        },
+        "machine": {
+            **machine(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "export_s": round(export_s, 1),
+        "total_s": round(time.perf_counter() - started, 1),
+        "exports": exports,
+        "vision": vision,
+        "decode": decode,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -268,8 +344,12 @@ def main() -> None:
     r.add_argument("--decode-repeats", type=int, help="decode rounds (default: 10 tiny, 7 mid)")
     r.add_argument("--warmup", type=int, default=2, help="untimed vision runs per k (decode: 1 run)")
     r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--spin", action="store_true", help="let onnxruntime / OpenMP threads spin while they wait "
-                   "(their default; on a machine shared with other work, spinning threads stall each other)")
+    r.add_argument(
+        "--spin",
+        action="store_true",
+        help="let onnxruntime / OpenMP threads spin while they wait "
+        "(their default; on a machine shared with other work, spinning threads stall each other)",
+    )
     r.add_argument("--work", help="keep the artifacts in this folder (default: a temporary one, removed)")
     r.add_argument("--keep", action="store_true", help="keep the temporary folder")
     r.add_argument("--out", default="export_bench.json")

@@ -56,11 +56,18 @@ def main() -> None:
             print(f"harm penalty {penalty:g}: aligning", file=sys.stderr, flush=True)
             out, start = Path(work) / f"penalty-{penalty:g}", time.time()
             align(load(args.model, dtype="float32"), out, config, JudgeReward(harm_penalty=penalty), progress=False)
-            runs[f"penalty {penalty:g}"] = {"align_seconds": round(time.time() - start, 1),
-                                            "layers": scan_train(load(out / "merged", dtype="float32"), layers,
-                                                                 args.limit_per_kind)}  # fmt: skip
-    record = {"model": args.model, "split": "train", "limit_per_kind": args.limit_per_kind, "steps": args.steps,
-              "exit_layer": args.exit_layer, "runs": runs}  # fmt: skip
+            runs[f"penalty {penalty:g}"] = {
+                "align_seconds": round(time.time() - start, 1),
+                "layers": scan_train(load(out / "merged", dtype="float32"), layers, args.limit_per_kind),
+            }
+    record = {
+        "model": args.model,
+        "split": "train",
+        "limit_per_kind": args.limit_per_kind,
+        "steps": args.steps,
+        "exit_layer": args.exit_layer,
+        "runs": runs,
+    }
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(markdown(runs))
 

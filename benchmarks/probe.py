@@ -54,7 +54,9 @@ def probe_layers(loaded, layers, n_train: int = 1200, n_test: int = 600, seed: i
     for k in layers:
         x = feats[k]
         out[k] = {
-            "object": ridge_probe_accuracy(x[:n_train], objects[:n_train], x[n_train:], objects[n_train:], len(OBJECTS)),
+            "object": ridge_probe_accuracy(
+                x[:n_train], objects[:n_train], x[n_train:], objects[n_train:], len(OBJECTS)
+            ),
             "dangerous": ridge_probe_accuracy(x[:n_train], dangerous[:n_train], x[n_train:], dangerous[n_train:], 2),
         }
     return out

@@ -18,11 +18,11 @@ import torch
 
 from edgekit.model.families import attr_path
 from edgekit.model.loading import load
+from edgekit.model.surgery import num_exit_layers, set_exit_layer
+from edgekit.model.tiny import make_tiny_checkpoint
 from edgekit.safety.judges import RefusalJudge
 from edgekit.safety.scan import chat_inputs, scan
 from edgekit.safety.suite import builtin_suite
-from edgekit.model.surgery import num_exit_layers, set_exit_layer
-from edgekit.model.tiny import make_tiny_checkpoint
 
 
 def main() -> None:
@@ -41,7 +41,9 @@ def main() -> None:
     items = builtin_suite().select("eval", limit_per_kind=args.items // 5 + 1)[: args.items]
     images_through_tower = [0]
     tower = attr_path(loaded.model, loaded.family.tower)
-    tower.register_forward_hook(lambda m, a, out: images_through_tower.__setitem__(0, images_through_tower[0] + len(a[0])))
+    tower.register_forward_hook(
+        lambda m, a, out: images_through_tower.__setitem__(0, images_through_tower[0] + len(a[0]))
+    )
 
     def timed(fn) -> tuple[float, int]:
         times, seen = [], 0
@@ -63,8 +65,9 @@ def main() -> None:
             set_exit_layer(loaded.model, k)
             for start in range(0, len(items), args.batch_size):
                 inputs = chat_inputs(loaded.processor, items[start : start + args.batch_size])
-                out = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                out = loaded.model.generate(
+                    **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
                 texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 RefusalJudge().judge([i.prompt for i in items[start : start + args.batch_size]], texts)
         set_exit_layer(loaded.model, layers[-1])
@@ -72,12 +75,18 @@ def main() -> None:
     scan_s, scan_images = timed(edgekit_scan)
     naive_s, naive_images = timed(per_layer_exit)
     result = {
-        "model": model, "items": len(items), "layers": len(layers), "repeats": args.repeats,
+        "model": model,
+        "items": len(items),
+        "layers": len(layers),
+        "repeats": args.repeats,
         "scan": {"seconds": scan_s, "seconds_per_layer": scan_s / len(layers), "images_through_tower": scan_images},
-        "per_layer_exit": {"seconds": naive_s, "seconds_per_layer": naive_s / len(layers),
-                           "images_through_tower": naive_images},
+        "per_layer_exit": {
+            "seconds": naive_s,
+            "seconds_per_layer": naive_s / len(layers),
+            "images_through_tower": naive_images,
+        },
         "speedup": naive_s / scan_s,
-    }  # fmt: skip
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print("| method | images through the tower | median s | s per layer |\n|---|---|---|---|")

@@ -82,10 +82,12 @@ class TimedDecode(_Runner):
     spec: runtime, files (FILES of the runtime), options (its constructor's), prompts ([{image: PNG path, text}]),
     steps, and threads / spin (None: the libraries' defaults)."""
 
-    IMPORTS = {"pytorch": ("edgekit.devices.torch_runtime", "edgekit.model.loading"),
-               "onnx": ("onnxruntime", "transformers", "edgekit.devices.onnx_runtime"),
-               "gguf": ("llama_cpp", "llama_cpp.mtmd_cpp", "transformers", "edgekit.devices.llama_runtime"),
-               "hybrid": ("onnxruntime", "llama_cpp", "transformers", "edgekit.devices.llama_runtime")}  # fmt: skip
+    IMPORTS = {
+        "pytorch": ("edgekit.devices.torch_runtime", "edgekit.model.loading"),
+        "onnx": ("onnxruntime", "transformers", "edgekit.devices.onnx_runtime"),
+        "gguf": ("llama_cpp", "llama_cpp.mtmd_cpp", "transformers", "edgekit.devices.llama_runtime"),
+        "hybrid": ("onnxruntime", "llama_cpp", "transformers", "edgekit.devices.llama_runtime"),
+    }
 
     def __init__(self, spec: dict):
         from PIL import Image
@@ -129,8 +131,10 @@ class TimedVision(_Runner):
 
             opts = ort_session_options(spec["threads"], spec["spin"])
             feeds = {"pixel_values": pixels.astype(np.float32)}
-            sessions = {k: ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-                        for k, path in spec["graphs"].items()}  # fmt: skip
+            sessions = {
+                k: ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+                for k, path in spec["graphs"].items()
+            }
             self.exit_at, self.encode = lambda k: None, lambda k: sessions[k].run(None, feeds)
             return
         import torch
@@ -203,8 +207,14 @@ class MeasurementProcess:
             if not spec.get("spin"):
                 env["OMP_WAIT_POLICY"] = "PASSIVE"  # OpenMP threads (torch, llama.cpp) sleep between parallel regions
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([*COMMAND, str(spec_path)], env=env, text=True, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [*COMMAND, str(spec_path)],
+                env=env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
 
     def read(self) -> dict:
         for line in self.proc.stdout:
@@ -219,8 +229,9 @@ class MeasurementProcess:
         return self.read()
 
 
-def lockstep(work: Path, specs: Mapping[str, dict], rounds: int,
-             log: Callable[[str], None] = lambda line: None) -> dict[str, dict]:  # fmt: skip
+def lockstep(
+    work: Path, specs: Mapping[str, dict], rounds: int, log: Callable[[str], None] = lambda line: None
+) -> dict[str, dict]:
     """Each spec in its own measurement process, `rounds` timed runs each, side by side. Per name: load_s,
     rss_after_imports_mb, runs (each run's result), peak_rss_mb, other_processes_cores, or error."""
     servers: dict[str, MeasurementProcess] = {}
@@ -267,15 +278,19 @@ def decode_summary(runs: list[dict]) -> dict:
     ms = lambda key: round(statistics.median(r[key] for r in runs) * 1000, 3)  # noqa: E731
     rates = [r["steps"] / r["decode_s"] for r in runs if r["steps"]]
     return {
-        "runs": len(runs), "vision_ms": ms("vision_s"), "lm_prefill_ms": ms("prefill_s"),
+        "runs": len(runs),
+        "vision_ms": ms("vision_s"),
+        "lm_prefill_ms": ms("prefill_s"),
         "ttft_ms": round(statistics.median(r["vision_s"] + r["prefill_s"] for r in runs) * 1000, 3),
-        "decode_steps": runs[0]["steps"], "decode_tok_s": round(statistics.median(rates), 2) if rates else None,
+        "decode_steps": runs[0]["steps"],
+        "decode_tok_s": round(statistics.median(rates), 2) if rates else None,
         "decode_tok_s_runs": [round(x, 2) for x in rates],
-    }  # fmt: skip
+    }
 
 
-def bench_in_subprocess(kind: str, folder: str | Path, *, prompts: int = 5, max_new_tokens: int = 24,
-                        exit_layer: int | None = None) -> dict:  # fmt: skip
+def bench_in_subprocess(
+    kind: str, folder: str | Path, *, prompts: int = 5, max_new_tokens: int = 24, exit_layer: int | None = None
+) -> dict:
     """Runtime `kind` over an export folder (pytorch: a checkpoint at `exit_layer`), in a fresh process, on the
     first `prompts` utility items of the built-in suite's eval split. Raises RuntimeError when it cannot run."""
     from edgekit.devices.runtime import export_files
@@ -291,19 +306,27 @@ def bench_in_subprocess(kind: str, folder: str | Path, *, prompts: int = 5, max_
         images = [Path(work) / f"prompt-{i}.png" for i in range(len(items))]
         for item, path in zip(items, images):
             item.image().save(path)
-        spec = {"kind": "decode", "runtime": kind, "files": files, "steps": max_new_tokens - 1,
-                "options": {"exit_layer": exit_layer} if kind == "pytorch" else {},
-                "prompts": [{"image": str(p), "text": item.prompt} for item, p in zip(items, images)]}  # fmt: skip
+        spec = {
+            "kind": "decode",
+            "runtime": kind,
+            "files": files,
+            "steps": max_new_tokens - 1,
+            "options": {"exit_layer": exit_layer} if kind == "pytorch" else {},
+            "prompts": [{"image": str(p), "text": item.prompt} for item, p in zip(items, images)],
+        }
         measured = lockstep(Path(work), {kind: spec}, rounds=len(items))[kind]
     if "error" in measured:
         raise RuntimeError(f"benchmark of the {kind} runtime failed: {measured['error']}")
     summary = decode_summary(measured["runs"])
     return {
-        "runtime": kind, "load_s": measured["load_s"], "prompts": len(items),
+        "runtime": kind,
+        "load_s": measured["load_s"],
+        "prompts": len(items),
         "first_token_ms": round(summary["ttft_ms"], 2),
         "decode_tok_s": None if summary["decode_tok_s"] is None else round(summary["decode_tok_s"], 1),
-        "peak_rss_mib": measured["peak_rss_mb"], "baseline_rss_mib": measured["rss_after_imports_mb"],
-    }  # fmt: skip
+        "peak_rss_mib": measured["peak_rss_mb"],
+        "baseline_rss_mib": measured["rss_after_imports_mb"],
+    }
 
 
 def main() -> None:
@@ -321,8 +344,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.kind == "pytorch" and args.exit_layer is None:
         ap.error("the pytorch runtime needs --exit-layer")
-    print(json.dumps(bench_in_subprocess(args.kind, args.folder, prompts=args.prompts,
-                                         max_new_tokens=args.max_new_tokens, exit_layer=args.exit_layer)))  # fmt: skip
+    print(
+        json.dumps(
+            bench_in_subprocess(
+                args.kind,
+                args.folder,
+                prompts=args.prompts,
+                max_new_tokens=args.max_new_tokens,
+                exit_layer=args.exit_layer,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

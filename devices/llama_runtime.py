@@ -31,17 +31,30 @@ def _quiet():
 class LlamaDecoder:
     """A language-model GGUF in a llama.cpp context, driven batch by batch at explicit positions (sequence 0)."""
 
-    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None
-                 = None, n_gpu_layers: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ):
         import llama_cpp
 
         self._lib = llama_cpp
         n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         with _quiet():
             self.llama = llama_cpp.Llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False,
-            )  # fmt: skip
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
         self.ctx = self.llama._ctx.ctx
         self.n_batch, self.n_ctx = n_batch, n_ctx
         self.n_embd = llama_cpp.llama_model_n_embd(self.llama.model)
@@ -137,8 +150,9 @@ class LlamaDecoder:
 class HybridVLM:
     """Vision graph in ONNX Runtime, language model in llama.cpp; `generate` takes processor-built inputs."""
 
-    def __init__(self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, session_options=None,
-                 **decoder_options):  # fmt: skip
+    def __init__(
+        self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, session_options=None, **decoder_options
+    ):
         from edgekit.devices.onnx_runtime import OnnxVLM
 
         self.vision = OnnxVLM(onnx_folder, session_options=session_options)
@@ -185,8 +199,15 @@ class HybridVLM:
 class MtmdVLM:
     """llama.cpp's own multimodal path: LM GGUF + mmproj GGUF through mtmd; takes the raw image and prompt text."""
 
-    def __init__(self, lm_gguf: str | os.PathLike, mmproj_gguf: str | os.PathLike, *, n_threads: int | None = None,
-                 use_gpu: bool = False, **decoder_options):  # fmt: skip
+    def __init__(
+        self,
+        lm_gguf: str | os.PathLike,
+        mmproj_gguf: str | os.PathLike,
+        *,
+        n_threads: int | None = None,
+        use_gpu: bool = False,
+        **decoder_options,
+    ):
         from llama_cpp import mtmd_cpp
 
         self._mtmd = mtmd_cpp
@@ -269,8 +290,9 @@ class MtmdVLM:
         try:
             new_pos = llama_pos(0)
             with _quiet():
-                rc = mtmd.mtmd_helper_eval_chunks(self.ctx, self.decoder.ctx, chunks, 0, 0, self.decoder.n_batch, True,
-                                                  ctypes.byref(new_pos))  # fmt: skip
+                rc = mtmd.mtmd_helper_eval_chunks(
+                    self.ctx, self.decoder.ctx, chunks, 0, 0, self.decoder.n_batch, True, ctypes.byref(new_pos)
+                )
             if rc != 0:
                 raise RuntimeError(f"mtmd_helper_eval_chunks failed with code {rc}")
         finally:

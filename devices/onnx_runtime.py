@@ -24,9 +24,12 @@ import numpy as np
 
 from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE, Names
 
-
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32}  # fmt: skip
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def _np(value) -> np.ndarray:
@@ -137,8 +140,10 @@ class OnnxVLM:
 
     def tiles_per_image(self, inputs: Mapping) -> list[int]:
         a = self.anyres
-        return [int(np.prod(anyres_grid(s, a["grid_pinpoints"], a["tile_size"]))) + 1
-                for s in _np(inputs[Names.IMAGE_SIZES])]  # fmt: skip
+        return [
+            int(np.prod(anyres_grid(s, a["grid_pinpoints"], a["tile_size"]))) + 1
+            for s in _np(inputs[Names.IMAGE_SIZES])
+        ]
 
     def vision_outputs(self, inputs: Mapping) -> np.ndarray:
         """The vision graph's own output: [images or tiles, tokens, d_text] (Mllama: the cross-attention states)."""
@@ -199,8 +204,14 @@ class OnnxVLM:
                 past[name] = np.zeros((batch, d["num_key_value_heads"], 0, d["head_dim"]), self._decoder_types[name])
         return past
 
-    def generate(self, inputs: Mapping, max_new_tokens: int = 32, eos_token_ids: Sequence[int] | None = None,
-                 features: np.ndarray | None = None, stamps: list[float] | None = None) -> np.ndarray:  # fmt: skip
+    def generate(
+        self,
+        inputs: Mapping,
+        max_new_tokens: int = 32,
+        eos_token_ids: Sequence[int] | None = None,
+        features: np.ndarray | None = None,
+        stamps: list[float] | None = None,
+    ) -> np.ndarray:
         """Greedy decoding: prefill the prompt (past length 0), then one token at a time with the KV cache.
         Returns the new token ids [batch, n]; a row stops after its first eos (`eos_token_ids`, default the
         folder's; pass () to never stop early) and is padded with pad_token_id after it. `stamps`, if given, gets

@@ -50,13 +50,17 @@ class TargetProfile:
         for scheme in (self.onnx_quantization, *self.onnx_options):
             check(scheme, ONNX_QUANTIZATIONS, "ONNX quantization")
         if self.onnx_quantization not in self.onnx_options:
-            raise UserError(f"profile {self.name!r}: default ONNX quantization {self.onnx_quantization!r} is not "
-                            f"among its onnx_options {list(self.onnx_options)}")  # fmt: skip
+            raise UserError(
+                f"profile {self.name!r}: default ONNX quantization {self.onnx_quantization!r} is not "
+                f"among its onnx_options {list(self.onnx_options)}"
+            )
         check(self.gguf_quantization, GGUF_QUANTIZATIONS, "GGUF quantization")
         check(self.mmproj_quantization, MMPROJ_QUANTIZATIONS, "mmproj quantization")
         if self.memory_budget_bytes <= 0 or self.onnx_opset < 13:
-            raise UserError(f"profile {self.name!r}: memory_budget_bytes {self.memory_budget_bytes} must be positive "
-                            f"and onnx_opset {self.onnx_opset} at least 13")  # fmt: skip
+            raise UserError(
+                f"profile {self.name!r}: memory_budget_bytes {self.memory_budget_bytes} must be positive "
+                f"and onnx_opset {self.onnx_opset} at least 13"
+            )
 
 
 def _from_toml(path: Path) -> TargetProfile:
@@ -67,13 +71,20 @@ def _from_toml(path: Path) -> TargetProfile:
     try:
         quant, gates = data["quantization"], data["gates"]
         return TargetProfile(
-            name=data["name"], kind=data["kind"], description=data.get("description", ""),
-            memory_budget_bytes=int(data["memory_budget_bytes"]), onnx_opset=int(data["onnx_opset"]),
-            formats=tuple(data["formats"]), onnx_quantization=quant["onnx"],
-            onnx_options=tuple(quant.get("onnx_options", [quant["onnx"]])), gguf_quantization=quant["gguf"],
-            mmproj_quantization=quant["mmproj"], default=bool(data.get("default", False)), source=str(path),
+            name=data["name"],
+            kind=data["kind"],
+            description=data.get("description", ""),
+            memory_budget_bytes=int(data["memory_budget_bytes"]),
+            onnx_opset=int(data["onnx_opset"]),
+            formats=tuple(data["formats"]),
+            onnx_quantization=quant["onnx"],
+            onnx_options=tuple(quant.get("onnx_options", [quant["onnx"]])),
+            gguf_quantization=quant["gguf"],
+            mmproj_quantization=quant["mmproj"],
+            default=bool(data.get("default", False)),
+            source=str(path),
             gates=profile_limits(gates),
-        )  # fmt: skip
+        )
     except KeyError as err:
         raise UserError(f"{path}: profile lacks the key {err.args[0]!r}") from None
     except (TypeError, ValueError) as err:

@@ -69,8 +69,12 @@ def until_eos(tokens, eos: Sequence[int]) -> list[int]:
 
 def phases(start: float, vision_end: float, first_token: float, end: float, steps: int) -> dict:
     """Seconds of one timed run: vision encode, LM prefill up to the first token's logits, then `steps` decodes."""
-    return {"vision_s": vision_end - start, "prefill_s": first_token - vision_end, "decode_s": end - first_token,
-            "steps": steps}  # fmt: skip
+    return {
+        "vision_s": vision_end - start,
+        "prefill_s": first_token - vision_end,
+        "decode_s": end - first_token,
+        "steps": steps,
+    }
 
 
 class Runtime(ABC):
@@ -94,8 +98,9 @@ class Runtime(ABC):
 class OnnxRuntime(Runtime):
     name = "onnx"
 
-    def __init__(self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 session_options=None):  # fmt: skip
+    def __init__(
+        self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",), session_options=None
+    ):
         from edgekit.devices.onnx_runtime import OnnxVLM
 
         super().__init__(processor)

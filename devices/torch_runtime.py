@@ -33,8 +33,9 @@ class TorchRuntime(Runtime):
         inputs = self._inputs(prompt)
         with torch.no_grad():
             features = family.features_per_layer(model, inputs, [k])[k]
-            out = family.generate(model, family.lm_inputs(model, inputs, features), do_sample=False,
-                                  max_new_tokens=max_new_tokens)  # fmt: skip
+            out = family.generate(
+                model, family.lm_inputs(model, inputs, features), do_sample=False, max_new_tokens=max_new_tokens
+            )
         return until_eos(out[0].tolist(), self.eos)
 
     def timed(self, prompt: Prompt, steps: int) -> dict:
@@ -53,8 +54,13 @@ class TorchRuntime(Runtime):
             start = time.perf_counter()
             features = family.features_per_layer(model, inputs, [k])[k]
             vision_end = time.perf_counter()
-            family.generate(model, family.lm_inputs(model, inputs, features), do_sample=False,
-                            max_new_tokens=steps + 1, min_new_tokens=steps + 1,
-                            logits_processor=LogitsProcessorList([Stamp()]),
-                            pad_token_id=self.processor.tokenizer.pad_token_id)  # fmt: skip
+            family.generate(
+                model,
+                family.lm_inputs(model, inputs, features),
+                do_sample=False,
+                max_new_tokens=steps + 1,
+                min_new_tokens=steps + 1,
+                logits_processor=LogitsProcessorList([Stamp()]),
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+            )
         return phases(start, vision_end, stamps[0], stamps[-1], len(stamps) - 1)

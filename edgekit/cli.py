@@ -44,8 +44,12 @@ def _exit_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected a range A-B of exit layers, e.g. 3-5, got {text!r}") from None
 
 
-JUDGE_HELP = ("refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack "
-              "success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)")  # fmt: skip
+JUDGE_HELP = (
+    "refusal (offline, default), keyword (baseline) or llama-guard[:MODEL] (Llama Guard 3 decides attack "
+    "success; a folder or hub id, default meta-llama/Llama-Guard-3-8B)"
+)
+
+
 def _add_align_flags(p: argparse.ArgumentParser) -> None:
     """One flag per LPPOConfig field the command line sets, its help and default taken from the dataclass."""
     for f in LPPOConfig.flags():
@@ -81,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "truncate",
         help="cut the vision tower after block K and save a plain Hugging Face checkpoint",
         description="Physically remove vision blocks K+1..L and rewrite the config, so the saved checkpoint loads "
-        "with plain transformers (no edgekit import) and computes what the original computes when exiting at K. Without "
-        "MODEL, the embedded demo model (trained on first use).",
+        "with plain transformers (no edgekit import) and computes what the original computes when exiting at K. "
+        "Without MODEL, the embedded demo model (trained on first use).",
         epilog=EPILOG,
     )
     _add_model_args(p)
@@ -135,8 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     p.add_argument("--layers", default="all", help="'all', '12', '1-24' or '1,4,8-16' (default: all)")
-    p.add_argument("--suite", default="builtin", help="'builtin' (eval split) or a suite file: JSONL {prompt, label, "
-                   "image?}, AdvBench / JailbreakV-28K / XSTest CSV, MM-SafetyBench JSON")  # fmt: skip
+    p.add_argument(
+        "--suite",
+        default="builtin",
+        help="'builtin' (eval split) or a suite file: JSONL {prompt, label, "
+        "image?}, AdvBench / JailbreakV-28K / XSTest CSV, MM-SafetyBench JSON",
+    )
     p.add_argument("--images", help="folder of your own benign images for text-only suites")
     p.add_argument("--judge", default="refusal", help=JUDGE_HELP)
     p.add_argument("--limit-per-kind", type=int, help="at most this many items of each kind")
@@ -171,12 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(dtype="float32")  # LoRA training in full precision
     p.add_argument("--exit-layer", type=_exit_layer, required=True, metavar="K", help="the exit layer to align")
-    p.add_argument("--exit-layers", type=_exit_range, metavar="A-B", help="draw each batch's exit layer from A..B "
-                   "(one adapter for a range of exits; must contain K)")  # fmt: skip
-    p.add_argument("--reward", default="judge", help="judge (offline refusal judge, default), or a reward model "
-                   "folder or hub id (sequence classification, one scalar output)")  # fmt: skip
-    p.add_argument("--harm-penalty", type=float, metavar="P", help="judge reward: what answering a harmful request "
-                   "costs, against +1 for refusing it and +-1 for helping or not on benign ones (default 3)")
+    p.add_argument(
+        "--exit-layers",
+        type=_exit_range,
+        metavar="A-B",
+        help="draw each batch's exit layer from A..B (one adapter for a range of exits; must contain K)",
+    )
+    p.add_argument(
+        "--reward",
+        default="judge",
+        help="judge (offline refusal judge, default), or a reward model "
+        "folder or hub id (sequence classification, one scalar output)",
+    )
+    p.add_argument(
+        "--harm-penalty",
+        type=float,
+        metavar="P",
+        help="judge reward: what answering a harmful request "
+        "costs, against +1 for refusing it and +-1 for helping or not on benign ones (default 3)",
+    )
     p.add_argument("--method", default="lppo", choices=("lppo", "sft"), help="lppo (default) or sft (baseline)")
     _add_align_flags(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
@@ -204,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", help="build folder (default ./build); rerun to resume")
     p.add_argument("--config", metavar="TOML", help="build.toml with any of these settings, [align] and [gates]")
     p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf (default: the target's)")
-    p.add_argument("--scan-layers", help="layers to scan before and after alignment (default auto: every 4th, "
-                   "the default layer and K)")  # fmt: skip
+    p.add_argument(
+        "--scan-layers",
+        help="layers to scan before and after alignment (default auto: every 4th, the default layer and K)",
+    )
     p.add_argument("--limit-per-kind", type=int, help="eval items per suite kind for each measurement (default 100)")
     p.add_argument("--method", choices=("lppo", "sft"), help="alignment method (default lppo)")
     p.add_argument("--reward", help="judge (default) or a reward model folder / hub id")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgekit.errors import UserError
 
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -48,9 +49,12 @@ def _load(args):
     from edgekit.model.loading import load
 
     return load(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
         revision=args.revision,
-    )  # fmt: skip
+    )
 
 
 def cmd_inspect(args) -> None:
@@ -62,9 +66,10 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_truncate(args) -> None:
-    from edgekit.model.sizes import human_bytes, model_sizes
+    from edgekit.model.sizes import model_sizes
     from edgekit.model.surgery import truncate_checkpoint
     from edgekit.outputs import check_output_dir
+    from edgekit.units import human_bytes
 
     check_output_dir(args.output, args.overwrite)
     config, _, _ = preflight(args, exit_layer=args.exit_layer)
@@ -87,30 +92,41 @@ def cmd_tiny(args) -> None:
 
 def cmd_targets(args) -> None:
     from edgekit.devices.profiles import list_profiles
-    from edgekit.export.artifacts import human
+    from edgekit.units import human_bytes
 
-    rows = [("target", "kind", "memory budget", "formats", "onnx", "gguf lm", "mmproj", "gates asr/over-refusal/utility")]
+    rows = [
+        ("target", "kind", "memory budget", "formats", "onnx", "gguf lm", "mmproj", "gates asr/over-refusal/utility")
+    ]
     for p in list_profiles():
         g = p.gates
-        rows.append((
-            p.name + (" (default)" if p.default else ""), p.kind, human(p.memory_budget_bytes), ",".join(p.formats),
-            "/".join(p.onnx_options).replace(p.onnx_quantization, p.onnx_quantization + "*", 1), p.gguf_quantization,
-            p.mmproj_quantization,
-            f"+{g.asr:g} / +{g.over_refusal:g} / -{g.utility:g}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                p.name + (" (default)" if p.default else ""),
+                p.kind,
+                human_bytes(p.memory_budget_bytes, "decimal"),
+                ",".join(p.formats),
+                "/".join(p.onnx_options).replace(p.onnx_quantization, p.onnx_quantization + "*", 1),
+                p.gguf_quantization,
+                p.mmproj_quantization,
+                f"+{g.asr:g} / +{g.over_refusal:g} / -{g.utility:g}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print("--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme; "
-          "gates in points versus the original model at its default exit layer")
+    print(
+        "--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme; "
+        "gates in points versus the original model at its default exit layer"
+    )
 
 
 def cmd_export(args) -> None:
     import logging
 
     from edgekit.devices.profiles import load_profile
-    from edgekit.export.artifacts import check_request, export_artifacts, human, parse_formats
+    from edgekit.export.artifacts import check_request, export_artifacts, parse_formats
     from edgekit.outputs import check_output_dir
+    from edgekit.units import human_bytes
 
     profile = load_profile(args.target)
     formats = parse_formats(args.formats) if args.formats else profile.formats
@@ -118,11 +134,21 @@ def cmd_export(args) -> None:
     config, family, _ = preflight(args, exit_layer=args.exit_layer)
     check_request(family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
-    result = export_artifacts(_load(args), args.exit_layer, profile, args.output, formats, args.overwrite,
-                              onnx_quantization=args.onnx_quantization)  # fmt: skip
+    result = export_artifacts(
+        _load(args),
+        args.exit_layer,
+        profile,
+        args.output,
+        formats,
+        args.overwrite,
+        onnx_quantization=args.onnx_quantization,
+    )
     largest = result.largest_set
-    print(f"wrote {result.folder}: exit layer {result.exit_layer}, target {profile.name}, {len(result.files)} files; "
-          f"largest runtime set {largest.name} {human(largest.bytes)} of {human(profile.memory_budget_bytes)} budget")
+    size, budget = (human_bytes(n, "decimal") for n in (largest.bytes, profile.memory_budget_bytes))
+    print(
+        f"wrote {result.folder}: exit layer {result.exit_layer}, target {profile.name}, {len(result.files)} files; "
+        f"largest runtime set {largest.name} {size} of {budget} budget"
+    )
     for note in result.notes:
         print(f"note: {note}")
 
@@ -144,14 +170,24 @@ def cmd_scan(args) -> None:
     config, family, layers = preflight(args, layers=args.layers)
     loaded = _load(args)
     with tqdm(total=len(items), desc=f"scan {len(layers)} layers", unit="item", file=sys.stderr) as bar:
-        result = scan(loaded, items, layers, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      progress=bar.update)  # fmt: skip
+        result = scan(
+            loaded,
+            items,
+            layers,
+            judge,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            progress=bar.update,
+        )
     with atomic_dir(args.output, args.overwrite) as tmp:
-        write_scan_report(result, tmp, model=args.model, suite=suite.name, judge=args.judge,
-                          default_layer=family.default_exit(config))  # fmt: skip
+        write_scan_report(
+            result, tmp, model=args.model, suite=suite.name, judge=args.judge, default_layer=family.default_exit(config)
+        )
     print((Path(args.output) / "scan.md").read_text())
-    print(f"wrote {args.output}/scan.json, scan.md, scan.png ({result.vision_forwards} vision-tower forwards for "
-          f"{result.images} images x {len(layers)} layers)")  # fmt: skip
+    print(
+        f"wrote {args.output}/scan.json, scan.md, scan.png ({result.vision_forwards} vision-tower forwards for "
+        f"{result.images} images x {len(layers)} layers)"
+    )
 
 
 def cmd_judge(args) -> None:
@@ -192,23 +228,46 @@ def cmd_align(args) -> None:
     reward = None
     if args.method == "lppo":
         reward = make_reward(args.reward, device=args.device, harm_penalty=args.harm_penalty)
-    result = align(loaded, args.output, config, reward, method=args.method, resume=args.resume,
-                   overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    result = align(
+        loaded,
+        args.output,
+        config,
+        reward,
+        method=args.method,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     if not launch.is_main_process:
         return
     layers = f"{config.exit_layers[0]}-{config.exit_layers[1]}" if config.exit_layers else str(config.exit_layer)
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
     last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k not in ("step", "exit_layer"))
-    print(f"wrote {result.output}: {result.method} at exit layer {layers}, {result.steps} steps{resumed}; last step: "
-          f"{last}; merged/ is a plain Hugging Face checkpoint, adapter/ the LoRA adapter")  # fmt: skip
+    print(
+        f"wrote {result.output}: {result.method} at exit layer {layers}, {result.steps} steps{resumed}; last step: "
+        f"{last}; merged/ is a plain Hugging Face checkpoint, adapter/ the LoRA adapter"
+    )
 
 
 def cmd_build(args) -> None:
     from edgekit.build.config import resolve
     from edgekit.build.pipeline import build
 
-    given = {name: getattr(args, name) for name in ("model", "revision", "exit_layer", "target", "output",
-                                                      "limit_per_kind", "scan_layers", "method", "reward", "device")}
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "model",
+            "revision",
+            "exit_layer",
+            "target",
+            "output",
+            "limit_per_kind",
+            "scan_layers",
+            "method",
+            "reward",
+            "device",
+        )
+    }
     given["align"] = {name: getattr(args, name) for name in ("steps", "batch", "lr") if getattr(args, name) is not None}
     if args.formats:
         given["formats"] = tuple(args.formats.split(","))
@@ -221,8 +280,10 @@ def cmd_build(args) -> None:
     finally:
         if stamp() not in (None, before):  # this run's report (a gate failure writes one too), not an earlier run's
             print(report.read_text())
-    print(f"wrote {result.output}: gate passed for {len(result.verdicts)} artifacts"
-          + (f"; reused {', '.join(result.reused)}" if result.reused else ""))
+    print(
+        f"wrote {result.output}: gate passed for {len(result.verdicts)} artifacts"
+        + (f"; reused {', '.join(result.reused)}" if result.reused else "")
+    )
 
 
 def cmd_verify(args) -> None:

@@ -33,13 +33,18 @@ from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
-from edgekit.outputs import atomic_dir, check_output_dir, save_processor
 from edgekit.model.surgery import check_exit_layer, num_exit_layers, set_exit_layer
+from edgekit.outputs import atomic_dir, check_output_dir, save_processor
+from edgekit.units import human_bytes
 
 PROCESSOR_DIR = "processor"
 _WORK_DIR = ".work"  # intermediates inside the temporary folder, removed before it is renamed into place
-CALIBRATION_PROMPTS = ("describe the image", "what colour is the shape", "what is in the middle of the picture",
-                       "is there a circle or a square")  # fmt: skip
+CALIBRATION_PROMPTS = (
+    "describe the image",
+    "what colour is the shape",
+    "what is in the middle of the picture",
+    "is there a circle or a square",
+)
 
 
 @dataclass(frozen=True)
@@ -68,16 +73,6 @@ class ExportResult:
         return max(self.runtime_sets, key=lambda s: s.bytes)
 
 
-def human(n: float) -> str:
-    """Decimal units, as memory budgets are quoted (5 GB = 5e9 bytes)."""
-    unit = "B"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            break
-        n /= 1000
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-
-
 def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     """'onnx,gguf' -> ('onnx', 'gguf'); unknown or empty -> UserError."""
     items = [f.strip().lower() for f in (text.split(",") if isinstance(text, str) else text)]
@@ -88,8 +83,14 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def check_request(family, num_layers: int, exit_layer, profile: TargetProfile, formats: Sequence[str],
-                  onnx_quantization: str | None = None) -> str:  # fmt: skip
+def check_request(
+    family,
+    num_layers: int,
+    exit_layer,
+    profile: TargetProfile,
+    formats: Sequence[str],
+    onnx_quantization: str | None = None,
+) -> str:
     """Everything about an export request that can be checked before loading weights; returns the ONNX scheme."""
     check_exit_layer(exit_layer, num_layers)
     for fmt in formats:
@@ -99,8 +100,9 @@ def check_request(family, num_layers: int, exit_layer, profile: TargetProfile, f
         raise UserError(f"llama.cpp has no {family.name} support; use --formats onnx")
     scheme = onnx_quantization or profile.onnx_quantization
     if scheme not in profile.onnx_options:
-        raise UserError(f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, "
-                        f"not {scheme}")  # fmt: skip
+        raise UserError(
+            f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, not {scheme}"
+        )
     return scheme
 
 
@@ -134,8 +136,10 @@ def export_artifacts(
         if "onnx" in formats:
             onnx_dir = f"onnx-k{exit_layer}-{scheme}"
             _write_onnx(loaded, exit_layer, profile, scheme, tmp / onnx_dir, work, calibration_inputs)
-            entries += [file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
-                        for p in sorted((tmp / onnx_dir).iterdir())]  # fmt: skip
+            entries += [
+                file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
+                for p in sorted((tmp / onnx_dir).iterdir())
+            ]
         if "gguf" in formats:
             lm_name = f"lm-{profile.gguf_quantization}.gguf"
             _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
@@ -145,36 +149,65 @@ def export_artifacts(
                 _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
                 entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
             else:
-                notes.append(f"no mmproj for {family.name}: edgekit's mmproj writer has no anyres support; run the "
-                             "LM GGUF with the ONNX vision graph (hybrid runtime)")  # fmt: skip
+                notes.append(
+                    f"no mmproj for {family.name}: edgekit's mmproj writer has no anyres support; run the "
+                    "LM GGUF with the ONNX vision graph (hybrid runtime)"
+                )
         shutil.rmtree(work)
         entries += _write_processor(loaded, tmp / PROCESSOR_DIR)
         sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name)
         largest = max(sets, key=lambda s: s.bytes)
         if largest.bytes > profile.memory_budget_bytes:
+            size, budget = (human_bytes(n, "decimal") for n in (largest.bytes, profile.memory_budget_bytes))
             raise UserError(
-                f"artifacts do not fit target {profile.name}: the {largest.name} set needs {human(largest.bytes)} "
-                f"({largest.bytes} bytes) but the memory budget is {human(profile.memory_budget_bytes)} "
+                f"artifacts do not fit target {profile.name}: the {largest.name} set needs {size} "
+                f"({largest.bytes} bytes) but the memory budget is {budget} "
                 f"({profile.memory_budget_bytes} bytes); pick a smaller quantization, model or another target"
-            )  # fmt: skip
+            )
         extra: dict[str, Any] = {
             **family.manifest_fields(model.config),
             "num_exit_layers": num_layers,
             "formats": list(formats),
-            "quantization": {"onnx": scheme if onnx_dir else None, "gguf": profile.gguf_quantization if lm_name
-                             else None, "mmproj": profile.mmproj_quantization if mmproj_name else None},
-            "artifacts": {"onnx_dir": onnx_dir, "lm_gguf": lm_name, "mmproj_gguf": mmproj_name,
-                          "processor_dir": PROCESSOR_DIR},
-            "memory": {"budget_bytes": profile.memory_budget_bytes, "largest_set": largest.name,
-                       "largest_set_bytes": largest.bytes,
-                       "sets": {s.name: {"bytes": s.bytes, "paths": list(s.paths)} for s in sets},
-                       "covers": "weights a runtime loads; not the KV cache or activations"},
+            "quantization": {
+                "onnx": scheme if onnx_dir else None,
+                "gguf": profile.gguf_quantization if lm_name else None,
+                "mmproj": profile.mmproj_quantization if mmproj_name else None,
+            },
+            "artifacts": {
+                "onnx_dir": onnx_dir,
+                "lm_gguf": lm_name,
+                "mmproj_gguf": mmproj_name,
+                "processor_dir": PROCESSOR_DIR,
+            },
+            "memory": {
+                "budget_bytes": profile.memory_budget_bytes,
+                "largest_set": largest.name,
+                "largest_set_bytes": largest.bytes,
+                "sets": {s.name: {"bytes": s.bytes, "paths": list(s.paths)} for s in sets},
+                "covers": "weights a runtime loads; not the KV cache or activations",
+            },
             "notes": notes,
-        }  # fmt: skip
-        write_manifest(tmp, exit_layer=exit_layer, target=profile.name, source_model=loaded.source,
-                       revision=loaded.revision, files=entries, extra=extra)  # fmt: skip
-    return ExportResult(Path(out_dir), exit_layer, profile.name, tuple(sorted(entries, key=lambda e: e.path)),
-                        tuple(sets), onnx_dir, lm_name, mmproj_name, tuple(notes))  # fmt: skip
+        }
+        write_manifest(
+            tmp,
+            exit_layer=exit_layer,
+            target=profile.name,
+            source_model=loaded.source,
+            revision=loaded.revision,
+            files=entries,
+            extra=extra,
+        )
+    return ExportResult(
+        Path(out_dir),
+        exit_layer,
+        profile.name,
+        tuple(sorted(entries, key=lambda e: e.path)),
+        tuple(sets),
+        onnx_dir,
+        lm_name,
+        mmproj_name,
+        tuple(notes),
+    )
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
@@ -200,8 +233,14 @@ def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> 
     state = {**lm.state_dict(), "lm_head.weight": model.get_output_embeddings().weight}
     direct = qtype in PYTHON_GGUF_TYPES
     src = path if direct else work / "lm-f32.gguf"
-    gguf.write_language_model(text_config(model.config), state, processor.tokenizer, src,
-                              ftype=qtype if direct else "f32", chat_template=processor.chat_template)  # fmt: skip
+    gguf.write_language_model(
+        text_config(model.config),
+        state,
+        processor.tokenizer,
+        src,
+        ftype=qtype if direct else "f32",
+        chat_template=processor.chat_template,
+    )
     if not direct:
         from llama_cpp._utils import suppress_stdout_stderr
 
@@ -216,10 +255,15 @@ def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:
     model, family = loaded.model, loaded.family
     image_processor = loaded.processor.image_processor
     gguf.write_mmproj(
-        attr_path(model, family.tower).state_dict(), model.config.vision_config,
-        attr_path(model, family.projector).state_dict(), path, exit_layer=k, image_mean=image_processor.image_mean,
-        image_std=image_processor.image_std, ftype=qtype,
-    )  # fmt: skip
+        attr_path(model, family.tower).state_dict(),
+        model.config.vision_config,
+        attr_path(model, family.projector).state_dict(),
+        path,
+        exit_layer=k,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        ftype=qtype,
+    )
 
 
 def _write_processor(loaded, out: Path) -> list[FileEntry]:

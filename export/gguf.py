@@ -15,8 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
 from gguf import MODEL_TENSOR, TokenType
+from gguf import GGMLQuantizationType as QType
 
 from edgekit.errors import UserError
 from edgekit.export.quantizations import LLAMA_CPP_QTYPES
@@ -263,8 +263,12 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int, bpe_pre: str | N
     if scores is not None:
         w.add_token_scores(scores + [-1000.0] * (n_vocab - len(scores)))
 
-    for tid, add in ((tokenizer.bos_token_id, w.add_bos_token_id), (tokenizer.eos_token_id, w.add_eos_token_id),
-                     (tokenizer.unk_token_id, w.add_unk_token_id), (tokenizer.pad_token_id, w.add_pad_token_id)):
+    for tid, add in (
+        (tokenizer.bos_token_id, w.add_bos_token_id),
+        (tokenizer.eos_token_id, w.add_eos_token_id),
+        (tokenizer.unk_token_id, w.add_unk_token_id),
+        (tokenizer.pad_token_id, w.add_pad_token_id),
+    ):
         if tid is not None:
             add(tid)
     # add_bos/add_eos read off the tokenizer's behaviour: its config flags are unreliable across transformers versions.
@@ -283,9 +287,18 @@ def _sentencepiece_vocab(w: gguf.GGUFWriter, sp_file) -> tuple[list[str], list[f
     w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
     ids = range(sp.vocab_size())
-    types = [TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
-             else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL
-             for i in ids]
+    types = [
+        TokenType.UNKNOWN
+        if sp.is_unknown(i)
+        else TokenType.CONTROL
+        if sp.is_control(i)
+        else TokenType.UNUSED
+        if sp.is_unused(i)
+        else TokenType.BYTE
+        if sp.is_byte(i)
+        else TokenType.NORMAL
+        for i in ids
+    ]
     return [sp.id_to_piece(i) for i in ids], [sp.get_score(i) for i in ids], types
 
 

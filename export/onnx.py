@@ -42,7 +42,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from edgekit.model.families import Family, attr_path, eos_ids, head_dim, text_config
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -52,6 +51,7 @@ from edgekit.export.onnx_format import (
     VISION_FILE,
     Names,
 )
+from edgekit.model.families import Family, attr_path, eos_ids, head_dim, text_config
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
 FORMAT_VERSION = 2  # 2: the anyres pinpoints are "grid_pinpoints"; the checkpoint type is no longer recorded
@@ -112,9 +112,13 @@ class _Decoder(nn.Module):
             dtype = inputs_embeds.dtype
             extra = self.family.cross_attention_lm_inputs(cross_states, cross_mask, self.num_vision_tokens, dtype)
         out = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-            use_cache=True, **extra,
-        )  # fmt: skip
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
         logits = self.lm_head(out.last_hidden_state)
         presents = []
         for layer in self.past_layers:
@@ -127,9 +131,16 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic and the exporter's deprecation notice
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )  # fmt: skip
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
 
 
 def _export_vision(vision: nn.Module, inputs: dict, family: Family, path: Path, opset: int) -> None:
@@ -187,9 +198,14 @@ def _export_decoder(model, family: Family, cross_states: torch.Tensor | None, pa
         axes[n.CROSS_ATTENTION_STATES] = {0: "num_images_x_tiles"}
         axes[n.CROSS_ATTENTION_MASK] = {0: "batch_size", 1: "sequence_length", 2: "num_images"}
     _export(
-        _Decoder(model, family, layers), tuple(args + flat_past), path, names + past_names,
-        [n.LOGITS, *present_names], axes, opset,
-    )  # fmt: skip
+        _Decoder(model, family, layers),
+        tuple(args + flat_past),
+        path,
+        names + past_names,
+        [n.LOGITS, *present_names],
+        axes,
+        opset,
+    )
 
 
 # --- description -------------------------------------------------------------------------------------------------
@@ -223,9 +239,20 @@ def _jsonable(value: Any) -> Any:
 def _preprocessing(processor, model, family: Family) -> dict[str, Any]:
     ip = processor.image_processor
     keys = (
-        "size", "crop_size", "image_mean", "image_std", "rescale_factor", "do_resize", "do_center_crop", "do_rescale",
-        "do_normalize", "do_convert_rgb", "do_pad", "resample", *family.preprocessing_keys,
-    )  # fmt: skip
+        "size",
+        "crop_size",
+        "image_mean",
+        "image_std",
+        "rescale_factor",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "do_normalize",
+        "do_convert_rgb",
+        "do_pad",
+        "resample",
+        *family.preprocessing_keys,
+    )
     out = {"processor_class": type(processor).__name__, "image_processor_class": type(ip).__name__}
     out |= {k: _jsonable(getattr(ip, k)) for k in keys if getattr(ip, k, None) is not None}
     vision = model.config.vision_config
@@ -247,7 +274,7 @@ def _host_side(family: Family) -> dict[str, Any]:
             ],
             "cross_attention_cache": "none: the decoder recomputes cross-attention K/V from cross_attention_states "
             "each step",
-        }  # fmt: skip
+        }
     steps = ["vision_encoder(pixel_values) -> image_features [n, tokens, d_text]"]
     if family.anyres:
         steps = [
@@ -260,11 +287,12 @@ def _host_side(family: Family) -> dict[str, Any]:
         ]
     return {
         "kind": "merge_image_tokens",
-        "steps": steps + [
+        "steps": steps
+        + [
             "embed_tokens(input_ids) -> inputs_embeds; the rows at input_ids == image_token_id are replaced, in "
             "order, by the (packed) image features",
         ],
-    }  # fmt: skip
+    }
 
 
 def _describe(model, processor, family: Family, exit_layer: int, folder: Path, opset: int) -> dict[str, Any]:
@@ -305,8 +333,9 @@ def _describe(model, processor, family: Family, exit_layer: int, folder: Path, o
     return desc
 
 
-def export_onnx(model, processor, family: Family, exit_layer: int, out_dir, opset: int = 17, sample_inputs=None,
-                parts=GRAPH_FILES) -> OnnxExport:  # fmt: skip
+def export_onnx(
+    model, processor, family: Family, exit_layer: int, out_dir, opset: int = 17, sample_inputs=None, parts=GRAPH_FILES
+) -> OnnxExport:
     """Cut the model's vision tower at `exit_layer` (in memory with `set_exit_layer`; the model stays cut) and write
     the graphs plus `edgekit_onnx.json` into `out_dir`. `sample_inputs` are processor outputs to trace the vision
     graph with (a blank image through `processor` when omitted). `parts` limits which graphs are (re)written, e.g.

@@ -30,19 +30,37 @@ from pathlib import Path
 
 import onnx
 
+from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
-from edgekit.devices.onnx_runtime import OnnxVLM
-from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, GRAPH_FILES, NEWLINE_FILE, VISION_FILE
+from edgekit.export.onnx_format import (
+    DECODER_FILE,
+    DESCRIPTION_FILE,
+    EMBED_FILE,
+    GRAPH_FILES,
+    NEWLINE_FILE,
+    VISION_FILE,
+)
 from edgekit.export.quantizations import ONNX_SCHEMES
+
 INT4_BLOCK_SIZE = 32
 CALIBRATION_DECODE_STEPS = 4
 # Kept in fp32 by the fp16 conversion (on top of onnxruntime's default block list).
 FP16_KEEP_FP32 = (
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
-    "GroupNormalization", "InstanceNormalization", "RMSNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt",
-    "Reciprocal", "Div",
-)  # fmt: skip
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "RMSNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Div",
+)
 
 
 class _Feeds:
@@ -96,28 +114,41 @@ def _int8_qdq(src: Path, dst: Path, feeds: list[dict], ops: Sequence[str]) -> di
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
-        src, dst, _Feeds(feeds), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=list(ops),
+        src,
+        dst,
+        _Feeds(feeds),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+        op_types_to_quantize=list(ops),
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )  # fmt: skip
+    )
     return {
-        "method": "quantize_static", "format": "QDQ", "activations": "int8 symmetric", "weights":
-        "int8 symmetric per-tensor", "calibration": f"MinMax over {len(feeds)} feeds", "op_types": list(ops),
-    }  # fmt: skip
+        "method": "quantize_static",
+        "format": "QDQ",
+        "activations": "int8 symmetric",
+        "weights": "int8 symmetric per-tensor",
+        "calibration": f"MinMax over {len(feeds)} feeds",
+        "op_types": list(ops),
+    }
 
 
 def _int4(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
+        onnx.load(str(src)),
+        bits=4,
+        block_size=INT4_BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=4,
         op_types_to_quantize=("MatMul",),
-    )  # fmt: skip
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst))
-    return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True,
-            "accuracy_level": 4}  # fmt: skip
+    return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": 4}
 
 
 def _fp16(src: Path, dst: Path) -> dict:

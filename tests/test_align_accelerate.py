@@ -34,10 +34,36 @@ def launch_align(config: str, model: str, out: Path, *extra: str) -> list[str]:
     """The command that aligns a tiny model for 2 steps under a shipped launch config, checkpointing every step
     (`extra` flags come last, so they override)."""
     # Port 0: accelerate picks a free one, so parallel runs do not clash.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-              "--main_process_port", "0"]  # fmt: skip
-    align = ["-m", "edgekit.cli", "align", model, "--exit-layer", str(K), "--steps", "2", "--batch", "4",
-             "--minibatch", "2", "--max-new-tokens", "6", "--checkpoint-every", "1", "--quiet", "-o", str(out)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--main_process_port",
+        "0",
+    ]
+    align = [
+        "-m",
+        "edgekit.cli",
+        "align",
+        model,
+        "--exit-layer",
+        str(K),
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--minibatch",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+        "-o",
+        str(out),
+    ]
     return [*launch, *align, *extra]
 
 
@@ -47,8 +73,9 @@ def launched(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     outputs = {}
     for name, config in LAUNCHES.items():
         out = tmp_path_factory.mktemp(name) / "out"
-        run = subprocess.run(launch_align(config, tiny_checkpoints["llava"], out), env=ENV, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+        run = subprocess.run(
+            launch_align(config, tiny_checkpoints["llava"], out), env=ENV, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
         assert run.stdout.count(f"wrote {out}") == 1  # the main process reports, the other does not
         outputs[name] = out
@@ -77,8 +104,10 @@ def test_two_processes_on_cpu_train_one_model_and_write_a_loadable_checkpoint(la
 def test_sharded_training_follows_the_replicated_one(launched):
     """FSDP2 gathers the very weights DDP holds, so the first rollout is the same; its reduce-scatter sums
     gradients in another order than DDP's all-reduce, so updates agree to rounding."""
-    logs = {name: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-            for name, out in launched.items()}  # fmt: skip
+    logs = {
+        name: [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        for name, out in launched.items()
+    }
     assert logs["fsdp"][0]["reward_mean"] == logs["ddp"][0]["reward_mean"]
     assert logs["fsdp"][0]["kl"] == pytest.approx(logs["ddp"][0]["kl"], abs=1e-6)
     ddp, fsdp = (load_file(launched[name] / "adapter" / "adapter_model.safetensors") for name in ("ddp", "fsdp"))
@@ -138,8 +167,9 @@ def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_result(launch
         (2, "DEEPSPEED", None, "align does not run under DeepSpeed"),
     ],
 )
-def test_a_launch_that_cannot_share_the_work_is_refused(processes, distributed_type, fsdp_version, message,
-                                                       monkeypatch):
+def test_a_launch_that_cannot_share_the_work_is_refused(
+    processes, distributed_type, fsdp_version, message, monkeypatch
+):
     config = LPPOConfig(exit_layer=K, batch=4, minibatch=2)
     check_processes(config, 2, "MULTI_GPU")
     monkeypatch.setenv("FSDP_VERSION", "2")

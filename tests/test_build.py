@@ -28,8 +28,10 @@ from edgekit.safety.gate import SAFETY_FILE, read_gate
 from edgekit.safety.suite import builtin_suite
 
 FAST = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
-GENEROUS = '[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n' \
-           'max_utility_drop_points = 100\nmax_drift_points = 100\n'  # fmt: skip
+GENEROUS = (
+    "[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n"
+    "max_utility_drop_points = 100\nmax_drift_points = 100\n"
+)
 
 
 def _config(tmp_path: Path, text: str) -> str:
@@ -41,16 +43,34 @@ def _config(tmp_path: Path, text: str) -> str:
 def _artifact_hashes(out: Path) -> dict[str, str]:
     """The shipped files (checkpoint, ONNX, GGUF, processor); stage records hold timings and paths."""
     files = json.loads((out / MANIFEST_FILE).read_text())["files"]
-    return {f["path"]: f["sha256"] for f in files if f["path"].startswith((f"{Stage.TRUNCATE}/", f"{Stage.EXPORT}/"))
-            and not f["path"].endswith((STAGE_FILE, MANIFEST_FILE))}  # fmt: skip
+    return {
+        f["path"]: f["sha256"]
+        for f in files
+        if f["path"].startswith((f"{Stage.TRUNCATE}/", f"{Stage.EXPORT}/"))
+        and not f["path"].endswith((STAGE_FILE, MANIFEST_FILE))
+    }
 
 
 @pytest.fixture(scope="module")
 def built(tiny_checkpoints, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("build")
     out = root / "out"
-    code = main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "-o",
-                 str(out), "--config", _config(root, GENEROUS), *FAST])  # fmt: skip
+    code = main(
+        [
+            "build",
+            "--model",
+            tiny_checkpoints["llava"],
+            "--exit-layer",
+            "12",
+            "--target",
+            "jetson",
+            "-o",
+            str(out),
+            "--config",
+            _config(root, GENEROUS),
+            *FAST,
+        ]
+    )
     assert code == 0
     return out
 
@@ -69,7 +89,10 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     report = (built / "report.md").read_text()
     assert "Gate: PASSED" in report and "| onnx | pass |" in report
-    assert "<table>" in (built / "report.html").read_text() and "data:image/png;base64," in (built / "report.html").read_text()
+    assert (
+        "<table>" in (built / "report.html").read_text()
+        and "data:image/png;base64," in (built / "report.html").read_text()
+    )
     safety = json.loads((built / Stage.SAFETY / SAFETY_FILE).read_text())
     answered = (built / Stage.SAFETY / "answers_onnx.jsonl").read_text().splitlines()
     assert len(answered) == 15 and safety["verdicts"][1]["metrics"]["asr"] is not None
@@ -80,8 +103,22 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
 def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints, capsys):
     before = _artifact_hashes(built)
     config = built.parent / "build.toml"
-    code = main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "-o",
-                 str(built), "--config", str(config), *FAST])  # fmt: skip
+    code = main(
+        [
+            "build",
+            "--model",
+            tiny_checkpoints["llava"],
+            "--exit-layer",
+            "12",
+            "--target",
+            "jetson",
+            "-o",
+            str(built),
+            "--config",
+            str(config),
+            *FAST,
+        ]
+    )
     assert code == 0
     assert f"reused {', '.join(Stage)}" in capsys.readouterr().out
     assert _artifact_hashes(built) == before
@@ -154,13 +191,40 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
     model = _unsafe_at(tiny_checkpoints["llava"], tmp_path / "unsafe", safe=23, unsafe=2)
     out = tmp_path / "out"
     # alignment in name only (a learning rate of 1e-12): the model reaches the gate as unsafe as it came
-    code = main(["build", "--model", model, "--exit-layer", "2", "--target", "jetson", "-o", str(out), "--config",
-                 _config(tmp_path, ""), "--limit-per-kind", "8", "--steps", "1", "--batch", "4", "--lr", "1e-12",
-                 "--scan-layers", "2", "--formats", "onnx"])  # fmt: skip
+    code = main(
+        [
+            "build",
+            "--model",
+            model,
+            "--exit-layer",
+            "2",
+            "--target",
+            "jetson",
+            "-o",
+            str(out),
+            "--config",
+            _config(tmp_path, ""),
+            "--limit-per-kind",
+            "8",
+            "--steps",
+            "1",
+            "--batch",
+            "4",
+            "--lr",
+            "1e-12",
+            "--scan-layers",
+            "2",
+            "--formats",
+            "onnx",
+        ]
+    )
     assert code == 3
     err = capsys.readouterr().err
-    found = re.search(r"onnx: asr ([\d.]+)% against ([\d.]+)% for the original model at its default layer "
-                      r"\(limit \+5 points\)", err)  # fmt: skip
+    found = re.search(
+        r"onnx: asr ([\d.]+)% against ([\d.]+)% for the original model at its default layer "
+        r"\(limit \+5 points\)",
+        err,
+    )
     assert found and float(found[1]) >= 50 and float(found[2]) <= 10, err[-500:]
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is False
@@ -169,8 +233,23 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
 
 def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "edgekit.cli", "build", "--model", tiny_checkpoints["llava"], "--exit-layer", "12",
-           "--target", "jetson", "-o", str(out), "--config", str(built.parent / "build.toml"), *FAST]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgekit.cli",
+        "build",
+        "--model",
+        tiny_checkpoints["llava"],
+        "--exit-layer",
+        "12",
+        "--target",
+        "jetson",
+        "-o",
+        str(out),
+        "--config",
+        str(built.parent / "build.toml"),
+        *FAST,
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (out / Stage.TRUNCATE / STAGE_FILE).exists() and process.poll() is None and time.time() < deadline:

@@ -38,9 +38,13 @@ def unsupported_model(tmp_path) -> Path:
 
 @pytest.mark.parametrize(
     "k, fragments",
-    [("0", ["exit layer 0", "1..24"]), ("25", ["exit layer 25", "1..24"]), ("twelve", ["integer", "'twelve'"]),
-     ("3.5", ["integer", "'3.5'"])],
-)  # fmt: skip
+    [
+        ("0", ["exit layer 0", "1..24"]),
+        ("25", ["exit layer 25", "1..24"]),
+        ("twelve", ["integer", "'twelve'"]),
+        ("3.5", ["integer", "'3.5'"]),
+    ],
+)
 def test_bad_exit_layer(capsys, tiny_checkpoints, tmp_path, k, fragments):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", k, "-o", str(out))
@@ -50,10 +54,14 @@ def test_bad_exit_layer(capsys, tiny_checkpoints, tmp_path, k, fragments):
 
 @pytest.mark.parametrize(
     "argv",
-    [["inspect", "--exit-layer", "25"], ["truncate", "--exit-layer", "25", "-o", "OUT"],
-     ["export", "--exit-layer", "25", "--target", "jetson", "-o", "OUT"], ["scan", "--layers", "1-25", "-o", "OUT"],
-     ["align", "--exit-layer", "25", "-o", "OUT"]],
-)  # fmt: skip
+    [
+        ["inspect", "--exit-layer", "25"],
+        ["truncate", "--exit-layer", "25", "-o", "OUT"],
+        ["export", "--exit-layer", "25", "--target", "jetson", "-o", "OUT"],
+        ["scan", "--layers", "1-25", "-o", "OUT"],
+        ["align", "--exit-layer", "25", "-o", "OUT"],
+    ],
+)
 def test_omitted_model_is_the_demo_model_checked_before_training(capsys, tmp_path, monkeypatch, argv):
     """Every command that takes MODEL falls back to the demo model; a bad layer fails before minutes of training."""
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
@@ -86,8 +94,9 @@ def test_existing_output_needs_overwrite(capsys, tiny_checkpoints, tmp_path):
     code, _, err = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", "3", "-o", str(out))
     _assert_one_line_error(code, err, "not empty", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    code, stdout, _ = _run(capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", "3", "-o", str(out),
-                           "--overwrite")  # fmt: skip
+    code, stdout, _ = _run(
+        capsys, "truncate", tiny_checkpoints["llava"], "--exit-layer", "3", "-o", str(out), "--overwrite"
+    )
     assert code == 0 and "cut to 3 of 24" in stdout
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temp folder left behind
@@ -109,8 +118,19 @@ def test_inspect_shows_the_saving(capsys, tiny_checkpoints, tmp_path, family):
 
 def test_console_script_exit_code(tiny_checkpoints, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "edgekit.cli", "truncate", tiny_checkpoints["llava"], "--exit-layer", "99", "-o",
-         str(tmp_path / "out")], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edgekit.cli",
+            "truncate",
+            tiny_checkpoints["llava"],
+            "--exit-layer",
+            "99",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "edgekit: error: exit layer 99 is outside 1..24 (the vision tower has 24 layers)"

@@ -18,14 +18,14 @@ from conftest import processor_inputs
 from test_cli_foundation import _assert_one_line_error, _run
 
 from edgekit.cli import main
+from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.devices.profiles import TargetProfile, list_profiles, load_profile
 from edgekit.errors import UserError
 from edgekit.export.artifacts import export_artifacts
 from edgekit.export.gguf import CLIP_VISION_FEATURE_LAYER
 from edgekit.export.manifest import FileEntry, file_entry, read_manifest, verify_hashes, write_manifest
-from edgekit.model.loading import load
-from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.export.onnx_format import DESCRIPTION_FILE
+from edgekit.model.loading import load
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
 
 K = 12
@@ -68,10 +68,19 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.onnx").write_bytes(b"graph")
     (tmp_path / "b.gguf").write_bytes(b"weights" * 10)
-    entries = [file_entry(tmp_path, "sub/a.onnx", "onnx", "fp16"),
-               file_entry(tmp_path, tmp_path / "b.gguf", "gguf", "q4_0")]  # absolute paths work too
-    write_manifest(tmp_path, exit_layer=7, target="android-arm64", source_model="me/model", revision=None,
-                   files=entries, extra={"notes": ["x"]})  # fmt: skip
+    entries = [
+        file_entry(tmp_path, "sub/a.onnx", "onnx", "fp16"),
+        file_entry(tmp_path, tmp_path / "b.gguf", "gguf", "q4_0"),
+    ]  # absolute paths work too
+    write_manifest(
+        tmp_path,
+        exit_layer=7,
+        target="android-arm64",
+        source_model="me/model",
+        revision=None,
+        files=entries,
+        extra={"notes": ["x"]},
+    )
     m = read_manifest(tmp_path)
     assert (m["exit_layer"], m["target"], m["source_model"], m["revision"]) == (7, "android-arm64", "me/model", None)
     assert m["edgekit_version"] and m["notes"] == ["x"]
@@ -83,14 +92,18 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "sub" / "a.onnx").unlink()
     (tmp_path / "stray.txt").write_text("?")
     problems = verify_hashes(tmp_path)
-    assert problems == ["b.gguf: sha256 differs from the manifest", "sub/a.onnx: missing",
-                        "stray.txt: not listed in the manifest"], problems  # fmt: skip
+    assert problems == [
+        "b.gguf: sha256 differs from the manifest",
+        "sub/a.onnx: missing",
+        "stray.txt: not listed in the manifest",
+    ], problems
     (tmp_path / "b.gguf").write_bytes(b"short")
     assert "b.gguf: 5 bytes, manifest says 70" in verify_hashes(tmp_path)
     assert verify_hashes(tmp_path / "sub") == [f"{tmp_path / 'sub'}: no manifest.json"]
     with pytest.raises(ValueError, match="clash"):
-        write_manifest(tmp_path, exit_layer=1, target="t", source_model="m", revision=None, files=[],
-                       extra={"target": "other"})  # fmt: skip
+        write_manifest(
+            tmp_path, exit_layer=1, target="t", source_model="m", revision=None, files=[], extra={"target": "other"}
+        )
 
 
 # --- the export stage ------------------------------------------------------------------------------------------------
@@ -184,10 +197,13 @@ def _no_output(out: Path) -> None:
         ("llava", ["--target", "jetson", "--formats", "onnx,tflite"], ["unknown format tflite", "onnx, gguf"]),
         ("llava", ["--target", "jetson", "--formats", ","], ["unknown format"]),
         ("mllama", ["--target", "jetson"], ["llama.cpp has no Llama 3.2 Vision support; use --formats onnx"]),
-        ("llava", ["--target", "jetson", "--onnx-quantization", "int4"], ["jetson-orin-nano", "fp16, int8_qdq",
-                                                                           "not int4"]),
+        (
+            "llava",
+            ["--target", "jetson", "--onnx-quantization", "int4"],
+            ["jetson-orin-nano", "fp16, int8_qdq", "not int4"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_export_bad_target_and_formats(capsys, tiny_checkpoints, tmp_path, family, extra, fragments):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "export", tiny_checkpoints[family], "--exit-layer", "3", "-o", str(out), *extra)
@@ -195,14 +211,30 @@ def test_export_bad_target_and_formats(capsys, tiny_checkpoints, tmp_path, famil
     _no_output(out)
 
 
-@pytest.mark.parametrize("family, k, fragments", [("llava", "0", ["exit layer 0", "1..24"]),
-                                                  ("llava", "25", ["exit layer 25", "1..24"]),
-                                                  ("mllama", "33", ["exit layer 33", "1..32"]),
-                                                  ("llava", "x", ["integer", "'x'"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "family, k, fragments",
+    [
+        ("llava", "0", ["exit layer 0", "1..24"]),
+        ("llava", "25", ["exit layer 25", "1..24"]),
+        ("mllama", "33", ["exit layer 33", "1..32"]),
+        ("llava", "x", ["integer", "'x'"]),
+    ],
+)
 def test_export_bad_exit_layer(capsys, tiny_checkpoints, tmp_path, family, k, fragments):
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "export", tiny_checkpoints[family], "--exit-layer", k, "--target", "phone",
-                        "--formats", "onnx", "-o", str(out))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "export",
+        tiny_checkpoints[family],
+        "--exit-layer",
+        k,
+        "--target",
+        "phone",
+        "--formats",
+        "onnx",
+        "-o",
+        str(out),
+    )
     _assert_one_line_error(code, err, *fragments)
     _no_output(out)
 
@@ -227,14 +259,18 @@ def test_export_unwritable_or_occupied_output(capsys, tiny_checkpoints, tmp_path
 def test_export_over_budget_writes_nothing(capsys, tiny_checkpoints, tmp_path):
     text = Path(load_profile("phone").source).read_text()
     small = tmp_path / "tiny-phone.toml"
-    small.write_text(text.replace("memory_budget_bytes = 4_000_000_000", "memory_budget_bytes = 200_000")
-                     .replace('name = "android-arm64"', 'name = "tiny-phone"'))  # fmt: skip
+    small.write_text(
+        text.replace("memory_budget_bytes = 4_000_000_000", "memory_budget_bytes = 200_000").replace(
+            'name = "android-arm64"', 'name = "tiny-phone"'
+        )
+    )
     assert load_profile(str(small)) == dataclasses.replace(
         load_profile("phone"), name="tiny-phone", memory_budget_bytes=200_000, source=str(small)
     )
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "export", tiny_checkpoints["llava"], "--exit-layer", "3", "--target", str(small),
-                        "-o", str(out))  # fmt: skip
+    code, _, err = _run(
+        capsys, "export", tiny_checkpoints["llava"], "--exit-layer", "3", "--target", str(small), "-o", str(out)
+    )
     _assert_one_line_error(code, err, "tiny-phone", "memory budget is 200.00 KB (200000 bytes)", "needs")
     _no_output(out)
 
@@ -250,6 +286,21 @@ def test_target_profile_is_checked():
 def test_export_into_a_relative_folder(tiny_checkpoints, tmp_path, monkeypatch):
     """Output paths relative to the working folder (as `make demo` passes them) reach the manifest intact."""
     monkeypatch.chdir(tmp_path)
-    assert main(["export", tiny_checkpoints["llava"], "--exit-layer", "12", "--target", "jetson", "--formats", "onnx",
-                 "-o", "rel/out"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                tiny_checkpoints["llava"],
+                "--exit-layer",
+                "12",
+                "--target",
+                "jetson",
+                "--formats",
+                "onnx",
+                "-o",
+                "rel/out",
+            ]
+        )
+        == 0
+    )
     assert verify_hashes(tmp_path / "rel" / "out") == []

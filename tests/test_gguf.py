@@ -10,15 +10,29 @@ import numpy as np
 import pytest
 import torch
 from llama_cpp import mtmd_cpp
-from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlavaConfig,
-                          LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
 from edgekit.export import gguf
 
-WORDS = ("the a cat dog sees runs on under big small red blue image photo of with and is was robot phone edge "
-         "model layer quick brown fox jumps over lazy night café naïve 2024 3.14 don't it's").split()
-PROBES = ["the cat sees a photo", "A Robot runs under the blue phone!", "naïve café, 2024 & 3.14?",
-          "it's  two spaces\nand a newline", "zebra xylophone qwerty"]  # last: unseen words -> byte fallback
+WORDS = (
+    "the a cat dog sees runs on under big small red blue image photo of with and is was robot phone edge "
+    "model layer quick brown fox jumps over lazy night café naïve 2024 3.14 don't it's"
+).split()
+PROBES = [
+    "the cat sees a photo",
+    "A Robot runs under the blue phone!",
+    "naïve café, 2024 & 3.14?",
+    "it's  two spaces\nand a newline",
+    "zebra xylophone qwerty",
+]  # last: unseen words -> byte fallback
 LLAMA3_SPLIT = next(iter(gguf.BPE_PRE_BY_REGEX))  # the Llama 3 tokenizer.json split regex
 N_CTX = 128
 
@@ -34,12 +48,35 @@ def train_sentencepiece(out_dir):
 
     (out_dir / "corpus.txt").write_text("\n".join(corpus()))
     spm.SentencePieceTrainer.train(
-        input=str(out_dir / "corpus.txt"), model_prefix=str(out_dir / "tokenizer"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", num_threads=1, minloglevel=2)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        input=str(out_dir / "corpus.txt"),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     return LlamaTokenizer.from_pretrained(out_dir)
 
 
@@ -48,23 +85,41 @@ def train_byte_level_bpe():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        corpus(),
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1])
 
 
 def tiny_llama_config(n_vocab):
-    return LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=n_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_llama(tokenizer, extra_rows=5):
@@ -126,8 +181,9 @@ def test_f32_logits_and_tokenization_match(kind, tokenizers, tmp_path):
 def test_metadata_vocab_padding_and_chat_template(sp_tokenizer, tmp_path):
     model = tiny_llama(sp_tokenizer, extra_rows=5)
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    path = gguf.write_language_model(model.config, model.state_dict(), sp_tokenizer, tmp_path / "lm.gguf",
-                                     chat_template=template, context_length=32)
+    path = gguf.write_language_model(
+        model.config, model.state_dict(), sp_tokenizer, tmp_path / "lm.gguf", chat_template=template, context_length=32
+    )
     r = gguf_lib.GGUFReader(path)
     tokens, types = field(r, gguf_lib.Keys.Tokenizer.LIST), field(r, gguf_lib.Keys.Tokenizer.TOKEN_TYPE)
     n = len(sp_tokenizer)
@@ -167,8 +223,12 @@ def test_bad_arguments_fail_loudly(sp_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="ftype"):
         gguf.write_language_model(model.config, model.state_dict(), sp_tokenizer, tmp_path / "x.gguf", ftype="q4_k")
     with pytest.raises(ValueError, match="unexpected language-model tensor"):
-        gguf.write_language_model(model.config, {**model.state_dict(), "model.extra.weight": torch.zeros(2)},
-                                  sp_tokenizer, tmp_path / "x.gguf")
+        gguf.write_language_model(
+            model.config,
+            {**model.state_dict(), "model.extra.weight": torch.zeros(2)},
+            sp_tokenizer,
+            tmp_path / "x.gguf",
+        )
     small = tiny_llama(sp_tokenizer, extra_rows=-10)
     with pytest.raises(ValueError, match="embedding only"):
         gguf.write_language_model(small.config, small.state_dict(), sp_tokenizer, tmp_path / "x.gguf")
@@ -184,22 +244,44 @@ MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.2757
 @pytest.fixture(scope="module")
 def tiny_llava(sp_tokenizer):
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                              num_attention_heads=4, projection_dim=32, hidden_act="quick_gelu")
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
     text = tiny_llama_config(len(sp_tokenizer) + 5)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=len(sp_tokenizer),
-                      vision_feature_layer=EXIT_LAYER, projector_hidden_act="gelu")
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=len(sp_tokenizer),
+        vision_feature_layer=EXIT_LAYER,
+        projector_hidden_act="gelu",
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
 def write_llava(vlm, tokenizer, tmp_path, exit_layer=EXIT_LAYER):
     inner = vlm.model
-    lm = gguf.write_language_model(vlm.config.text_config,
-                                   {**inner.language_model.state_dict(), "lm_head.weight": vlm.lm_head.weight},
-                                   tokenizer, tmp_path / "lm.gguf")
-    mmproj = gguf.write_mmproj(inner.vision_tower.state_dict(), vlm.config.vision_config,
-                               inner.multi_modal_projector.state_dict(), tmp_path / "mmproj.gguf",
-                               exit_layer=exit_layer, image_mean=MEAN, image_std=STD)
+    lm = gguf.write_language_model(
+        vlm.config.text_config,
+        {**inner.language_model.state_dict(), "lm_head.weight": vlm.lm_head.weight},
+        tokenizer,
+        tmp_path / "lm.gguf",
+    )
+    mmproj = gguf.write_mmproj(
+        inner.vision_tower.state_dict(),
+        vlm.config.vision_config,
+        inner.multi_modal_projector.state_dict(),
+        tmp_path / "mmproj.gguf",
+        exit_layer=exit_layer,
+        image_mean=MEAN,
+        image_std=STD,
+    )
     return lm, mmproj
 
 
@@ -220,8 +302,9 @@ def test_mmproj_metadata(tiny_llava, sp_tokenizer, tmp_path):
 @torch.no_grad()
 def torch_image_features(vlm, image):
     """HF LLaVA's features (hidden_states[EXIT_LAYER], CLS dropped, projected) and the same in llama.cpp's layout."""
-    pixels = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - torch.tensor(MEAN)[:, None, None]) \
-        / torch.tensor(STD)[:, None, None]
+    pixels = (
+        torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - torch.tensor(MEAN)[:, None, None]
+    ) / torch.tensor(STD)[:, None, None]
     hf = vlm.model.get_image_features(pixels, vision_feature_layer=EXIT_LAYER, vision_feature_select_strategy="default")
     return hf.pooler_output[0].numpy(), llama_cpp_cls_last_layout(vlm.model, pixels).numpy()
 
@@ -258,8 +341,10 @@ def test_mmproj_loads_and_encodes_in_mtmd(tiny_llava, sp_tokenizer, tmp_path):
     assert embd.shape == hf.shape == (n_patches, tiny_llava.config.text_config.hidden_size)
     assert np.isfinite(embd).all()
     diff_hf, diff_layout = np.abs(embd - hf).max(), np.abs(embd - cls_last).max()
-    print(f"mmproj image embeddings: max|diff| vs HF {diff_hf:.2e}, vs llama.cpp CLS-last layout {diff_layout:.2e}, "
-          f"max|HF| {np.abs(hf).max():.2e}")
+    print(
+        f"mmproj image embeddings: max|diff| vs HF {diff_hf:.2e}, vs llama.cpp CLS-last layout {diff_layout:.2e}, "
+        f"max|HF| {np.abs(hf).max():.2e}"
+    )
     # Weights are right if llama.cpp matches either HF or its own (upstream-bug) token layout.
     assert min(diff_hf, diff_layout) <= 1e-3
 

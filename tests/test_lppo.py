@@ -22,7 +22,7 @@ from edgekit.align.checkpoint import work_dir
 from edgekit.align.config import LPPOConfig
 from edgekit.align.policy import PolicyValue, make_learner, make_policy
 from edgekit.align.ppo_math import KLControllerState, clipped_policy_loss
-from edgekit.align.rewards import HFRewardModel, JudgeReward, make_reward
+from edgekit.align.rewards import JudgeReward
 from edgekit.align.rollout import ValueHead, collect, prepare_batch, sequence_forward, special_ids_to_suppress
 from edgekit.align.trainer import align, choose_exit_layer, ppo_step, sample_items, training_items
 from edgekit.cli import main
@@ -32,8 +32,19 @@ from edgekit.safety.suite import builtin_suite
 
 K = 4
 TINY = dict(steps=8, batch=4, minibatch=2, max_new_tokens=6, checkpoint_every=2)
-CLI_TINY = ["--steps", "8", "--batch", "4", "--minibatch", "2", "--max-new-tokens", "6", "--checkpoint-every", "2",
-            "--quiet"]  # fmt: skip
+CLI_TINY = [
+    "--steps",
+    "8",
+    "--batch",
+    "4",
+    "--minibatch",
+    "2",
+    "--max-new-tokens",
+    "6",
+    "--checkpoint-every",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,60 +76,6 @@ def _items(n: int = 4, seed: int = 0):
 
 def _base_name(name: str) -> str:
     return name.replace(".base_layer", "")
-
-
-# --- rewards ---------------------------------------------------------------------------------------------------
-
-
-def test_judge_reward_pays_refusing_harm_helping_the_benign_and_right_answers():
-    suite = builtin_suite().select("train")
-    harmful = next(i for i in suite if i.kind == "harmful_text")
-    benign = next(i for i in suite if i.kind == "benign_text")
-    utility = next(i for i in suite if i.kind == "utility")
-    refusal = "I'm sorry, but I can't help with that request."
-    compliance = "Sure! Here are the steps: first, open the settings. Then choose the option you need and save."
-    wrong = next(o for o in ("red", "blue", "left", "right", "one", "two", "cup", "key") if o != utility.answer)
-    items = [harmful, harmful, benign, benign, utility, utility]
-    responses = [refusal, compliance, refusal, compliance, f"it is {utility.answer} .", f"it is {wrong} ."]
-    scores = JudgeReward(harm_penalty=1.0).score([i.prompt for i in items], responses, items)
-    assert scores.tolist() == [1.0, -1.0, -1.0, 1.0, 1.0, -1.0]
-    scores = JudgeReward(harm_penalty=2.5).score([i.prompt for i in items], responses, items)
-    assert scores.tolist() == [1.0, -2.5, -1.0, 1.0, 1.0, -1.0]  # only a harmful answer costs more
-    assert JudgeReward().name == "judge (harm penalty 3)"
-
-
-def test_hf_reward_model_scores_prompt_and_response_with_its_scalar_head(llava, tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(llava)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
-    rm = make_reward(str(tmp_path / "rm"))
-    assert isinstance(rm, HFRewardModel)
-    items = _items(3)
-    prompts, responses = [i.prompt for i in items], ["no .", "sure , here is how you do it", "it is red ."]
-    scores = rm.score(prompts, responses, items)
-    with torch.no_grad():
-        one_by_one = [float(rm.model(**rm.tokenizer(rm.text(p, r), return_tensors="pt")).logits[0, 0])
-                      for p, r in zip(prompts, responses)]  # fmt: skip
-    assert scores.shape == (3,) and len(set(scores.tolist())) == 3
-    torch.testing.assert_close(scores, torch.tensor(one_by_one), atol=1e-5, rtol=0)
-
-    config.num_labels = 2
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "two")
-    tok.save_pretrained(tmp_path / "two")
-    with pytest.raises(UserError, match="one scalar head"):
-        make_reward(str(tmp_path / "two"))
-    with pytest.raises(UserError, match="unknown reward source 'no such thing'"):
-        make_reward("no such thing")
-
-
-# --- config and data -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -167,16 +124,26 @@ def test_reference_shares_weights_and_only_lora_and_value_head_train(llava):
     policy = make_policy(model, config)
     value_head = ValueHead(model.config.text_config.hidden_size)
     head_before = {n: p.detach().clone() for n, p in value_head.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()),
-                                  lr=1e-2)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), lr=1e-2
+    )
     trainable = {_base_name(n) for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and "language_model" in n for n in trainable)
     kl = KLControllerState(0.2, 3.0, 10000)
     learner = make_learner(policy, value_head, family, optimizer, Accelerator(device_placement=False))
     for seed in (1, 2):
         batch = prepare_batch(model, family, processor, _items(seed=seed), K)
-        roll = collect(policy, family, processor.tokenizer, batch, JudgeReward(), value_head, max_new_tokens=6,
-                       temperature=0.7, top_k=0)  # fmt: skip
+        roll = collect(
+            policy,
+            family,
+            processor.tokenizer,
+            batch,
+            JudgeReward(),
+            value_head,
+            max_new_tokens=6,
+            temperature=0.7,
+            top_k=0,
+        )
         _, kl = ppo_step(learner, roll, kl, config)
 
     lora_changed = False
@@ -214,10 +181,18 @@ def test_rollout_logprobs_are_the_samplers_and_a_fresh_forwards(llava):
 
     # The sampler's own logits (same seed, so the same tokens), at the sampling temperature.
     torch.manual_seed(7)
-    out = model.generate(**family.lm_inputs(model, batch.inputs, batch.features()), max_new_tokens=6, do_sample=True,
-                         temperature=0.7, top_k=5, top_p=1.0, pad_token_id=tok.pad_token_id,
-                         suppress_tokens=special_ids_to_suppress(tok, model.config.image_token_id),
-                         output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        **family.lm_inputs(model, batch.inputs, batch.features()),
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        top_p=1.0,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=special_ids_to_suppress(tok, model.config.image_token_id),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences[mask], ids[mask])
     sampler = torch.log_softmax(torch.stack(out.logits, 1)[:, : ids.shape[1]] / 0.7, -1).gather(-1, ids.unsqueeze(-1))
     torch.testing.assert_close(roll.logp[mask], sampler.squeeze(-1)[mask], atol=1e-5, rtol=0)
@@ -314,8 +289,23 @@ def test_outputs_and_merged_checkpoint_load_with_plain_transformers(uninterrupte
 
 def test_sft_with_an_exit_range_through_the_cli(llava, tmp_path, capsys):
     out = tmp_path / "sft"
-    rc = main(["align", llava, "--exit-layer", "4", "--exit-layers", "3-5", "--method", "sft", "--lr", "1e-2",
-               "-o", str(out), *CLI_TINY])  # fmt: skip
+    rc = main(
+        [
+            "align",
+            llava,
+            "--exit-layer",
+            "4",
+            "--exit-layers",
+            "3-5",
+            "--method",
+            "sft",
+            "--lr",
+            "1e-2",
+            "-o",
+            str(out),
+            *CLI_TINY,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and {r["exit_layer"] for r in log} <= {3, 4, 5} and len({r["exit_layer"] for r in log}) > 1
@@ -330,8 +320,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, llava, tm
     out = tmp_path / "killed"
     args = ["align", llava, "--exit-layer", str(K), "-o", str(out), *CLI_TINY]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgekit.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     checkpoint = work_dir(out) / "checkpoint.pt"
     deadline = time.time() + 80
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -353,8 +344,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, llava, tm
         ours, theirs = load_file(out / name), load_file(uninterrupted / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert (out / "train_log.jsonl").read_text() == (uninterrupted / "train_log.jsonl").read_text()
-    assert torch.equal(torch.load(out / "value_head.pt", weights_only=True)["linear.weight"],
-                       torch.load(uninterrupted / "value_head.pt", weights_only=True)["linear.weight"])  # fmt: skip
+    assert torch.equal(
+        torch.load(out / "value_head.pt", weights_only=True)["linear.weight"],
+        torch.load(uninterrupted / "value_head.pt", weights_only=True)["linear.weight"],
+    )
     assert json.loads((out / "align.json").read_text())["summary"]["resumed_from"] == step
     assert not work_dir(out).exists()
 

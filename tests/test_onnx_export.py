@@ -16,13 +16,21 @@ import pytest
 import torch
 from conftest import sample_image
 
+from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.export.onnx import export_onnx
+from edgekit.export.onnx_format import (
+    DECODER_FILE,
+    DESCRIPTION_FILE,
+    EMBED_FILE,
+    GRAPH_FILES,
+    NEWLINE_FILE,
+    VISION_FILE,
+    Names,
+)
 from edgekit.model.families import FAMILIES
 from edgekit.model.loading import LoadedModel, load
-from edgekit.devices.onnx_runtime import OnnxVLM
-from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, GRAPH_FILES, NEWLINE_FILE, VISION_FILE, Names
-from edgekit.safety.suite import builtin_suite
 from edgekit.model.surgery import num_exit_layers, set_exit_layer
+from edgekit.safety.suite import builtin_suite
 
 FAMILY_TYPES = [f.model_types[0] for f in FAMILIES]
 GEN_EXIT = 12  # the exit layer of the full three-graph export used for generation and quantization
@@ -61,8 +69,9 @@ class Tiny:
         if key not in self.folders:
             inputs = build_inputs(self.loaded.processor, 0)
             out = self.root / f"k{k}-{len(parts)}"
-            export_onnx(self.loaded.model, self.loaded.processor, self.loaded.family, k, out, sample_inputs=inputs,
-                        parts=parts)  # fmt: skip
+            export_onnx(
+                self.loaded.model, self.loaded.processor, self.loaded.family, k, out, sample_inputs=inputs, parts=parts
+            )
             self.folders[key] = out
         return self.folders[key]
 
@@ -104,8 +113,9 @@ def pytorch_greedy(tiny: Tiny, inputs: dict, k: int, max_new_tokens: int = MAX_N
             out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             return out[0, inputs["input_ids"].shape[1] :].tolist()
         features = family.features_per_layer(model, inputs, [k])[k]
-        out = model.generate(**family.lm_inputs(model, inputs, features), do_sample=False,
-                             max_new_tokens=max_new_tokens)  # fmt: skip
+        out = model.generate(
+            **family.lm_inputs(model, inputs, features), do_sample=False, max_new_tokens=max_new_tokens
+        )
         return out[0].tolist()
 
 
@@ -187,8 +197,11 @@ def test_kv_cache_decoding_matches_full_forward(family, tiny_checkpoints, tmp_pa
     model = tiny.loaded.model
     set_exit_layer(model, GEN_EXIT)
     extra = torch.tensor([[5, 17, 42]])  # three more tokens, decoded one by one
-    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1),
-                attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 3, dtype=torch.long))  # fmt: skip
+    full = dict(
+        inputs,
+        input_ids=torch.cat([inputs["input_ids"], extra], 1),
+        attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 3, dtype=torch.long),
+    )
     cross = None
     if vlm.cross:
         mask = inputs["cross_attention_mask"]

@@ -11,11 +11,11 @@ import onnx
 import pytest
 from test_onnx_export import FAMILY_TYPES, GEN_EXIT, MAX_NEW_TOKENS, build_inputs, pytorch_features, tiny_family
 
+from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE
 from edgekit.export.onnx_quantize import quantize
 from edgekit.export.quantizations import ONNX_SCHEMES
-from edgekit.devices.onnx_runtime import OnnxVLM
-from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE
 
 FAST_PROMPTS, SLOW_PROMPTS = 3, 20
 CALIBRATION = range(50, 52)  # benign calibration images + prompts, disjoint from the evaluation ones
@@ -56,8 +56,10 @@ def _check(family, scheme, n_prompts, tiny_checkpoints, tmp_path_factory):
         agreement.append(float((ref == got).mean()))
         identical += bool((ref == got).all())
     mean_agreement = float(np.mean(agreement))
-    print(f"{family} {scheme}: vision cosine min {min(cosines):.5f}, greedy agreement {mean_agreement:.3f} "
-          f"({identical}/{n_prompts} prompts identical)")  # fmt: skip
+    print(
+        f"{family} {scheme}: vision cosine min {min(cosines):.5f}, greedy agreement {mean_agreement:.3f} "
+        f"({identical}/{n_prompts} prompts identical)"
+    )
     assert min(cosines) >= 0.99, f"{family} {scheme}: vision feature cosine {min(cosines)}"
     assert math.isfinite(mean_agreement) and 0.0 <= mean_agreement <= 1.0
 

@@ -33,8 +33,12 @@ from edgekit.model.surgery import set_exit_layer
 
 K = 12
 MAX_NEW_TOKENS = 32
-QUESTIONS = ["what colour is the shape in this picture", "describe the image", "is there a circle or a square",
-             "tell me about the house and the tree"]  # fmt: skip
+QUESTIONS = [
+    "what colour is the shape in this picture",
+    "describe the image",
+    "is there a circle or a square",
+    "tell me about the house and the tree",
+]
 IMAGE_SIZES = [(40, 60), (60, 40), (36, 36), (30, 84)]
 PROMPTS = [Prompt(sample_image(100 + i, IMAGE_SIZES[i]), q) for i, q in enumerate(QUESTIONS)]
 LLAMA = {"n_threads": 1, "n_ctx": 256}  # one thread: llama.cpp's spinning workers crawl on a shared 2-core box
@@ -44,8 +48,13 @@ LLAMA = {"n_threads": 1, "n_ctx": 256}  # one thread: llama.cpp's spinning worke
 def tiny(tiny_checkpoints, tmp_path_factory):
     """The tiny LLaVA, its PyTorch runtime and reference tokens, and an F32 export (ONNX fp32, GGUF f32)."""
     loaded = load(tiny_checkpoints["llava"], dtype="float32")
-    f32 = dataclasses.replace(load_profile("jetson-agx-orin"), onnx_quantization="fp32", onnx_options=("fp32",),
-                              gguf_quantization="f32", mmproj_quantization="f32")  # fmt: skip
+    f32 = dataclasses.replace(
+        load_profile("jetson-agx-orin"),
+        onnx_quantization="fp32",
+        onnx_options=("fp32",),
+        gguf_quantization="f32",
+        mmproj_quantization="f32",
+    )
     folder = export_artifacts(loaded, K, f32, tmp_path_factory.mktemp("rt") / "f32").folder
     torch_rt = TorchRuntime(loaded, K)
     reference = [torch_rt.generate(p, MAX_NEW_TOKENS) for p in PROMPTS]
@@ -65,8 +74,10 @@ def test_f32_token_identical_to_pytorch(tiny, kind):
     eos = torch_rt.eos
     got = [until_eos(runtime.generate(p, MAX_NEW_TOKENS), eos) for p in PROMPTS]
     want = [until_eos(r, eos) for r in reference]
-    print(f"{kind} F32 k={K}: {sum(g == w for g, w in zip(got, want))}/{len(PROMPTS)} prompts token-identical, "
-          f"{sum(map(len, got))} tokens")  # fmt: skip
+    print(
+        f"{kind} F32 k={K}: {sum(g == w for g, w in zip(got, want))}/{len(PROMPTS)} prompts token-identical, "
+        f"{sum(map(len, got))} tokens"
+    )
     assert got == want
 
 
@@ -116,8 +127,10 @@ def test_mtmd_path_measured(tiny):
         cls_last = _cls_last_layout(model, inputs["pixel_values"]).numpy()
     diff_hf, diff_layout = float(np.abs(embd - hf).max()), float(np.abs(embd - cls_last).max())
     cos = float((embd * hf).sum() / np.linalg.norm(embd) / np.linalg.norm(hf))
-    print(f"mtmd image embeddings k={K}: max|diff| vs HF {diff_hf:.2e} (cosine {cos:.3f}), vs CLS-last layout "
-          f"{diff_layout:.2e}, max|HF| {np.abs(hf).max():.2e}")  # fmt: skip
+    print(
+        f"mtmd image embeddings k={K}: max|diff| vs HF {diff_hf:.2e} (cosine {cos:.3f}), vs CLS-last layout "
+        f"{diff_layout:.2e}, max|HF| {np.abs(hf).max():.2e}"
+    )
     assert embd.shape == hf.shape and min(diff_hf, diff_layout) <= 1e-3
 
     eos = torch_rt.eos
@@ -132,8 +145,10 @@ def test_mtmd_path_measured(tiny):
         n = min(len(got), len(want))
         agreement.append(float(np.mean([g == w for g, w in zip(got[:n], want[:n])])))
         identical += got == want
-    print(f"mtmd generate k={K}: text tokens equal to HF's on {same_text}/{len(PROMPTS)} prompts; "
-          f"{identical}/{len(PROMPTS)} token-identical to PyTorch; positional agreement {np.mean(agreement):.2f}")
+    print(
+        f"mtmd generate k={K}: text tokens equal to HF's on {same_text}/{len(PROMPTS)} prompts; "
+        f"{identical}/{len(PROMPTS)} token-identical to PyTorch; positional agreement {np.mean(agreement):.2f}"
+    )
 
 
 def _cls_last_layout(model, pixels):
@@ -209,8 +224,11 @@ def test_onnx_runtime_needs_neither_torch_nor_transformers(tiny, tmp_path):
     onnx_dir = export_files("onnx", folder)["onnx_dir"]
     inputs = {key: value.numpy() for key, value in processor_inputs(loaded.processor, PROMPTS[1]).items()}
     np.savez(tmp_path / "inputs.npz", **inputs)
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(onnx_dir), str(tmp_path / "inputs.npz"),
-                           str(MAX_NEW_TOKENS)], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, str(onnx_dir), str(tmp_path / "inputs.npz"), str(MAX_NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     want = OnnxVLM(onnx_dir).generate(inputs, MAX_NEW_TOKENS).tolist()
     assert json.loads(done.stdout.strip().splitlines()[-1]) == want and len(want[0]) >= 4
@@ -223,7 +241,9 @@ def test_bench_reports_the_runtime_process_own_peak(tiny):
     parent_peak = status_mib("VmHWM")
     row = bench_in_subprocess("onnx", folder, prompts=2, max_new_tokens=4)
     del ballast
-    print(f"bench onnx: peak {row['peak_rss_mib']} MiB ({row['baseline_rss_mib']} before weights); this process's "
-          f"peak {parent_peak:.1f} MiB")  # fmt: skip
+    print(
+        f"bench onnx: peak {row['peak_rss_mib']} MiB ({row['baseline_rss_mib']} before weights); this process's "
+        f"peak {parent_peak:.1f} MiB"
+    )
     assert 0 < row["baseline_rss_mib"] <= row["peak_rss_mib"] < parent_peak - 768
     assert row["runtime"] == "onnx" and row["prompts"] == 2 and row["first_token_ms"] > 0 and row["decode_tok_s"] > 0

@@ -56,23 +56,36 @@ def check_output_and_checkpoint(output: str | Path, *, resume: bool, overwrite: 
     work = work_dir(output)
     checkpoint = read_checkpoint(work) if (work / CHECKPOINT).is_file() else None
     if checkpoint is not None and not resume and not overwrite:
-        raise UserError(f"{output}: an unfinished run left a checkpoint at step {checkpoint['step']} in {work}; "
-                        "pass --resume to continue it or --overwrite to start over")  # fmt: skip
+        raise UserError(
+            f"{output}: an unfinished run left a checkpoint at step {checkpoint['step']} in {work}; "
+            "pass --resume to continue it or --overwrite to start over"
+        )
     return checkpoint if resume else None
 
 
 def run_identity(loaded, config: LPPOConfig, method: str, reward_name: str, processes: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint (also the head of align.json)."""
-    return {"model": str(loaded.source), "method": method, "reward": reward_name, "processes": processes,
-            "config": asdict(config)}  # fmt: skip
+    return {
+        "model": str(loaded.source),
+        "method": method,
+        "reward": reward_name,
+        "processes": processes,
+        "config": asdict(config),
+    }
 
 
 def check_resumable(checkpoint: dict, identity: dict, work: Path) -> None:
     theirs, ours = checkpoint["identity"], identity
-    diffs = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ("model", "method", "reward", "processes")
-             if theirs.get(k) != ours[k]]  # fmt: skip
-    diffs += [f"{k}={theirs['config'].get(k)!r} there, {v!r} here" for k, v in ours["config"].items()
-              if _tuple_as_list(theirs["config"].get(k)) != _tuple_as_list(v)]  # fmt: skip
+    diffs = [
+        f"{k}={theirs.get(k)!r} there, {ours[k]!r} here"
+        for k in ("model", "method", "reward", "processes")
+        if theirs.get(k) != ours[k]
+    ]
+    diffs += [
+        f"{k}={theirs['config'].get(k)!r} there, {v!r} here"
+        for k, v in ours["config"].items()
+        if _tuple_as_list(theirs["config"].get(k)) != _tuple_as_list(v)
+    ]
     if diffs:
         raise UserError(f"cannot resume the checkpoint in {work}: {'; '.join(diffs)} (pass --overwrite to start over)")
 
@@ -119,10 +132,15 @@ def checkpoint_state(run: TrainingState, learner: Learner, policy, value_head, i
     options = _whole_state_dict_options()
     optimizer = get_optimizer_state_dict(learner.module, unwrapped_optimizer(learner), options=options)
     return {
-        "identity": identity, "step": run.step, "log": run.log, "kl": run.kl._asdict(), "rng": run.rng.getstate(),
-        "process_rng": gather_object([_process_rng(device)]), **trained_weights(policy, value_head),
+        "identity": identity,
+        "step": run.step,
+        "log": run.log,
+        "kl": run.kl._asdict(),
+        "rng": run.rng.getstate(),
+        "process_rng": gather_object([_process_rng(device)]),
+        **trained_weights(policy, value_head),
         "optimizer": _on_cpu(optimizer),
-    }  # fmt: skip
+    }
 
 
 def restore(state: dict, learner: Learner, policy, value_head, process: int) -> TrainingState:
@@ -130,8 +148,9 @@ def restore(state: dict, learner: Learner, policy, value_head, process: int) -> 
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     load_trained_weights(state, policy, value_head)
-    set_optimizer_state_dict(learner.module, unwrapped_optimizer(learner), state["optimizer"],
-                             options=_whole_state_dict_options())  # fmt: skip
+    set_optimizer_state_dict(
+        learner.module, unwrapped_optimizer(learner), state["optimizer"], options=_whole_state_dict_options()
+    )
     rng = random.Random()
     rng.setstate(_lists_as_tuples(state["rng"]))
     _set_process_rng(state["process_rng"][process], next(policy.parameters()).device)
@@ -146,8 +165,11 @@ def _whole_state_dict_options():
 
 
 def _process_rng(device: torch.device) -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # fmt: skip
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def _set_process_rng(state: dict, device: torch.device) -> None:

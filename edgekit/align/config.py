@@ -28,7 +28,9 @@ class LPPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     kl_init: float = field(default=0.2, metadata={"help": "initial KL coefficient"})
-    kl_target: float | None = field(default=3.0, metadata={"help": "KL target of the adaptive controller"})  # None: fixed
+    kl_target: float | None = field(
+        default=3.0, metadata={"help": "KL target of the adaptive controller"}
+    )  # None: fixed
     kl_horizon: int = 10000
     max_new_tokens: int = field(default=48, metadata={"help": "response length limit"})
     temperature: float = field(default=0.7, metadata={"help": "rollout sampling temperature, 0 = greedy"})
@@ -54,14 +56,37 @@ class LPPOConfig:
     def __post_init__(self):
         if self.exit_layers is not None:
             object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
-        ints = ("exit_layer", "steps", "batch", "minibatch", "ppo_epochs", "kl_horizon", "max_new_tokens", "top_k",
-                "seed", "checkpoint_every", "lora_r", "lora_alpha")  # fmt: skip
+        ints = (
+            "exit_layer",
+            "steps",
+            "batch",
+            "minibatch",
+            "ppo_epochs",
+            "kl_horizon",
+            "max_new_tokens",
+            "top_k",
+            "seed",
+            "checkpoint_every",
+            "lora_r",
+            "lora_alpha",
+        )
         for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{name} must be an integer, got {value!r}")
-        positive = ("exit_layer", "steps", "batch", "minibatch", "ppo_epochs", "kl_horizon", "max_new_tokens",
-                    "lora_r", "lr", "value_clip", "max_grad_norm")  # fmt: skip
+        positive = (
+            "exit_layer",
+            "steps",
+            "batch",
+            "minibatch",
+            "ppo_epochs",
+            "kl_horizon",
+            "max_new_tokens",
+            "lora_r",
+            "lr",
+            "value_clip",
+            "max_grad_norm",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -101,11 +126,15 @@ def check_processes(config: LPPOConfig, processes: int, distributed_type: str) -
     from edgekit.align.sharding import fsdp_requested, fsdp_version
 
     if distributed_type == "DEEPSPEED":
-        raise UserError("align does not run under DeepSpeed: launch it with configs/accelerate/ddp.yaml, or "
-                        "configs/accelerate/fsdp.yaml to shard the language model")
+        raise UserError(
+            "align does not run under DeepSpeed: launch it with configs/accelerate/ddp.yaml, or "
+            "configs/accelerate/fsdp.yaml to shard the language model"
+        )
     if fsdp_requested(distributed_type) and fsdp_version() != 2:
-        raise UserError(f"align shards with FSDP2; this launch asks for FSDP version {fsdp_version()} (set "
-                        "fsdp_version: 2, as configs/accelerate/fsdp.yaml does)")  # fmt: skip
+        raise UserError(
+            f"align shards with FSDP2; this launch asks for FSDP version {fsdp_version()} (set "
+            "fsdp_version: 2, as configs/accelerate/fsdp.yaml does)"
+        )
     if config.minibatch % processes:
         raise UserError(f"minibatch {config.minibatch} does not split evenly over {processes} processes")
 

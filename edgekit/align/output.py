@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from edgekit.outputs import save_processor
 from edgekit.align.policy import LORA_TARGETS, trainable
+from edgekit.outputs import save_processor
 
 
 def run_summary(log: list[dict], method: str) -> dict[str, Any]:
@@ -19,8 +19,13 @@ def run_summary(log: list[dict], method: str) -> dict[str, Any]:
     key = "reward_mean" if method == "lppo" else "loss"
     span = max(1, len(log) // 4)
     mean = lambda rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    return {"steps": len(log), f"{key}_first_quarter": mean(log[:span]), f"{key}_last_quarter": mean(log[-span:]),
-            "exit_layers_used": sorted({r["exit_layer"] for r in log}), "last": log[-1]}  # fmt: skip
+    return {
+        "steps": len(log),
+        f"{key}_first_quarter": mean(log[:span]),
+        f"{key}_last_quarter": mean(log[-span:]),
+        "exit_layers_used": sorted({r["exit_layer"] for r in log}),
+        "last": log[-1],
+    }
 
 
 def write_output(tmp: Path, loaded, policy, value_head, log: list[dict], identity: dict, summary: dict) -> None:
@@ -38,8 +43,11 @@ def write_output(tmp: Path, loaded, policy, value_head, log: list[dict], identit
     settings = identity["config"]
     lora = {"r": settings["lora_r"], "alpha": settings["lora_alpha"], "target_modules": LORA_TARGETS}
     record = identity | {
-        "revision": loaded.revision, "lora": lora, "trainable_parameters": trainable_count, "summary": summary,
-    }  # fmt: skip
+        "revision": loaded.revision,
+        "lora": lora,
+        "trainable_parameters": trainable_count,
+        "summary": summary,
+    }
     (tmp / "align.json").write_text(json.dumps(record, indent=2))
 
 

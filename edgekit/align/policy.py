@@ -69,8 +69,15 @@ class PolicyValue(torch.nn.Module):
 
     def forward(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0):
         with recomputed_layers(self.policy):
-            return sequence_forward(self.policy.get_base_model(), self.family, batch, ids, mask,
-                                    temperature=temperature, value_head=self.value_head)  # fmt: skip
+            return sequence_forward(
+                self.policy.get_base_model(),
+                self.family,
+                batch,
+                ids,
+                mask,
+                temperature=temperature,
+                value_head=self.value_head,
+            )
 
 
 @dataclass(frozen=True)

@@ -156,9 +156,7 @@ def clipped_policy_loss(
     )
 
 
-def clipped_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float
-) -> ValueLoss:
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float) -> ValueLoss:
     """``0.5 *`` masked mean of ``max((v - R)^2, (clip(v, old - eps, old + eps) - R)^2)``."""
     v = _valid(values, mask)
     old = _valid(old_values.detach(), mask)

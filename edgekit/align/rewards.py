@@ -78,8 +78,16 @@ class HFRewardModel:
     The text is the tokenizer's chat template applied to a user and an assistant turn when it has one, else the
     HH-RLHF format; long texts lose their beginning, so the response is always seen."""
 
-    def __init__(self, model_id_or_path: str, *, device: str = "cpu", batch_size: int = 16, max_length: int = 1024,
-                 revision: str | None = None, trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model_id_or_path: str,
+        *,
+        device: str = "cpu",
+        batch_size: int = 16,
+        max_length: int = 1024,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         source = resolve_reward_model(model_id_or_path)
@@ -91,8 +99,10 @@ class HFRewardModel:
         except (OSError, ValueError) as err:
             raise UserError(f"reward model {model_id_or_path}: cannot load it ({first_line(err)})") from None
         if model.config.num_labels != 1:
-            raise UserError(f"reward model {model_id_or_path} has {model.config.num_labels} outputs; a reward model "
-                            "needs one scalar head (num_labels=1)")  # fmt: skip
+            raise UserError(
+                f"reward model {model_id_or_path} has {model.config.num_labels} outputs; a reward model "
+                "needs one scalar head (num_labels=1)"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -113,8 +123,13 @@ class HFRewardModel:
         texts = [self.text(p, r) for p, r in zip(prompts, responses)]
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length)  # fmt: skip
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            )
             out.append(self.model(**enc.to(self.model.device)).logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -126,8 +141,9 @@ def resolve_reward_model(spec: str) -> str:
     try:
         return resolve_source(spec)
     except UserError as err:
-        raise UserError(f"unknown reward source {spec!r}: use {JUDGE!r}, a reward-model folder or a hub id "
-                        f"owner/name ({err})") from None  # fmt: skip
+        raise UserError(
+            f"unknown reward source {spec!r}: use {JUDGE!r}, a reward-model folder or a hub id owner/name ({err})"
+        ) from None
 
 
 def check_harm_penalty(value: float) -> None:

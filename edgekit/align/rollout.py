@@ -44,9 +44,11 @@ class Batch:
         index = [int(i) for i in index]
         picked = torch.tensor(index, device=self.inputs["input_ids"].device)
         return Batch(
-            tuple(self.items[i] for i in index), self.exit_layer, {k: v[picked] for k, v in self.inputs.items()},
+            tuple(self.items[i] for i in index),
+            self.exit_layer,
+            {k: v[picked] for k, v in self.inputs.items()},
             tuple(self.row_features[i] for i in index),
-        )  # fmt: skip
+        )
 
     def features(self) -> Tensor:
         return torch.cat(self.row_features)
@@ -107,18 +109,29 @@ def response_mask(ids: Tensor, eos_id: int) -> Tensor:
 
 @torch.no_grad()
 def generate(
-    model, family, tokenizer, batch: Batch, *, max_new_tokens: int, temperature: float, top_k: int,
+    model,
+    family,
+    tokenizer,
+    batch: Batch,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
     synced: bool = False,
 ) -> Responses:
     """Batched generation with the KV cache: sampled at `temperature` (top-k if > 0), greedy at temperature 0.
     `synced`: every process decodes until all are done (a sharded model's forward is a collective)."""
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": 1.0}
     new = family.generate(
-        model, family.lm_inputs(model, batch.inputs, batch.features()), max_new_tokens=max_new_tokens,
-        **(sampling if temperature > 0 else {"do_sample": False}), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
+        model,
+        family.lm_inputs(model, batch.inputs, batch.features()),
+        max_new_tokens=max_new_tokens,
+        **(sampling if temperature > 0 else {"do_sample": False}),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced,
         suppress_tokens=special_ids_to_suppress(tokenizer, family.image_token_id(model.config)),
-    )  # fmt: skip
+    )
     mask = response_mask(new, tokenizer.eos_token_id)
     ids = torch.where(mask, new, tokenizer.pad_token_id)
     return Responses(ids, mask, tuple(tokenizer.batch_decode(ids, skip_special_tokens=True)))
@@ -148,8 +161,13 @@ def sequence_forward(
     positions = (full["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
     # Logits of the last T + 1 positions only (the image tokens alone are 576 positions in LLaVA-1.5): the first T
     # of them predict the response tokens.
-    out = model(**lm, position_ids=positions, use_cache=False, output_hidden_states=value_head is not None,
-                logits_to_keep=ids.shape[1] + 1)  # fmt: skip
+    out = model(
+        **lm,
+        position_ids=positions,
+        use_cache=False,
+        output_hidden_states=value_head is not None,
+        logits_to_keep=ids.shape[1] + 1,
+    )
     start = batch.inputs["input_ids"].shape[1] - 1
     logits = out.logits[:, : ids.shape[1]].float()
     if temperature > 0:
@@ -161,16 +179,36 @@ def sequence_forward(
     return logp, values
 
 
-def collect(policy, family, tokenizer, batch: Batch, reward, value_head, *, max_new_tokens: int, temperature: float,
-            top_k: int, synced: bool = False) -> Rollout:  # fmt: skip
+def collect(
+    policy,
+    family,
+    tokenizer,
+    batch: Batch,
+    reward,
+    value_head,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    synced: bool = False,
+) -> Rollout:
     """Generate with the policy, score the responses, and record policy/reference log-probs and values."""
     model = policy.get_base_model()  # LoRA layers live inside it; calling it runs the adapters
-    responses = generate(model, family, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, synced=synced)  # fmt: skip
+    responses = generate(
+        model,
+        family,
+        tokenizer,
+        batch,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        synced=synced,
+    )
     scores = reward.score([item.prompt for item in batch.items], list(responses.texts), batch.items)
     with torch.no_grad():
-        logp, values = sequence_forward(model, family, batch, responses.ids, responses.mask, temperature=temperature,
-                                        value_head=value_head)  # fmt: skip
+        logp, values = sequence_forward(
+            model, family, batch, responses.ids, responses.mask, temperature=temperature, value_head=value_head
+        )
         with policy.disable_adapter():
             ref_logp, _ = sequence_forward(model, family, batch, responses.ids, responses.mask, temperature=temperature)
     return Rollout(batch, responses, scores.to(logp.device, torch.float32), logp, ref_logp, values)

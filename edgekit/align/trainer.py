@@ -145,8 +145,14 @@ def align(
     share = config.batch // accelerator.num_processes
     here = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     start = time.time()
-    with tqdm(total=config.steps, initial=run.step, desc=f"align ({method})", unit="step", file=sys.stderr,
-              disable=not (progress and main)) as bar:  # fmt: skip
+    with tqdm(
+        total=config.steps,
+        initial=run.step,
+        desc=f"align ({method})",
+        unit="step",
+        file=sys.stderr,
+        disable=not (progress and main),
+    ) as bar:
         while run.step < config.steps:
             # Every process draws the same layer and items from the same stream, and rolls out its own slice.
             layer = choose_exit_layer(run.rng, config)
@@ -154,9 +160,18 @@ def align(
             batch = prepare_batch(model, family, loaded.processor, items_here, layer)
             if method == "lppo":
                 # The unwrapped policy: generation and the reference (adapters disabled) train nothing.
-                roll = collect(policy, family, tokenizer, batch, reward, value_head,
-                               max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                               top_k=config.top_k, synced=sharded)  # fmt: skip
+                roll = collect(
+                    policy,
+                    family,
+                    tokenizer,
+                    batch,
+                    reward,
+                    value_head,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_k=config.top_k,
+                    synced=sharded,
+                )
                 stats, run.kl = ppo_step(learner, roll, run.kl, config)
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}")
             else:
@@ -184,8 +199,9 @@ def align(
     elif not sharded:
         policy.merge_and_unload()
     accelerator.wait_for_everyone()  # every process returns once the output is there
-    return AlignResult(Path(output), method, config.steps, tuple(r["exit_layer"] for r in run.log), resumed_from,
-                       run.log[-1])  # fmt: skip
+    return AlignResult(
+        Path(output), method, config.steps, tuple(r["exit_layer"] for r in run.log), resumed_from, run.log[-1]
+    )
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -231,8 +247,9 @@ def encode_targets(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tenso
 # --- steps -----------------------------------------------------------------------------------------------------
 
 
-def ppo_step(learner: Learner, roll: Rollout, kl: KLControllerState, config: LPPOConfig
-             ) -> tuple[dict[str, float], KLControllerState]:  # fmt: skip
+def ppo_step(
+    learner: Learner, roll: Rollout, kl: KLControllerState, config: LPPOConfig
+) -> tuple[dict[str, float], KLControllerState]:
     """PPO epochs over minibatches of this process's share of a rollout; returns the step's statistics over every
     process's rows and the updated KL controller (the same in every process)."""
     accelerator, mask, ids = learner.accelerator, roll.responses.mask, roll.responses.ids
@@ -250,18 +267,24 @@ def ppo_step(learner: Learner, roll: Rollout, kl: KLControllerState, config: LPP
             pl = clipped_policy_loss(logp, roll.logp[rows], advantages[rows], mask[rows], config.clip_eps)
             vl = clipped_value_loss(values, roll.values[rows], adv.returns[rows], mask[rows], config.value_clip)
             optimizer_step(learner, pl.loss + config.c1 * vl.loss, config.max_grad_norm)
-            for name, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clipfrac", pl.clipfrac),
-                                ("approx_kl", pl.approx_kl)):  # fmt: skip
+            for name, value in (
+                ("policy_loss", pl.loss),
+                ("value_loss", vl.loss),
+                ("clipfrac", pl.clipfrac),
+                ("approx_kl", pl.approx_kl),
+            ):
                 totals[name] += value.item()
             updates += 1
     # float64 keeps the Python sums exact on their way through the reduction.
     means = accelerator.reduce(torch.tensor(list(totals.values()), dtype=torch.float64), "mean").tolist()
     sequence_kl = float(accelerator.gather(shaped.kl.sum(dim=-1)).mean())
     stats = {
-        "reward_mean": float(accelerator.gather(roll.scores).mean()), "kl": sequence_kl, "kl_coef": kl.coef,
+        "reward_mean": float(accelerator.gather(roll.scores).mean()),
+        "kl": sequence_kl,
+        "kl_coef": kl.coef,
         **{name: total / updates for name, total in zip(totals, means)},
         "response_length": float(accelerator.gather(mask.sum(dim=-1)).float().mean()),
-    }  # fmt: skip
+    }
     return stats, update_kl_coef(kl, sequence_kl, n_steps=config.batch)
 
 

@@ -50,19 +50,29 @@ def evaluate_artifacts(out: Path, cfg: BuildConfig, items) -> dict[str, Evaluate
             with tqdm(total=len(items), desc=f"safety {name}", unit="item", file=sys.stderr) as bar:
                 if name == PYTORCH:  # batched, as the baselines were scanned
                     loaded = load_model(out / Stage.TRUNCATE, cfg)
-                    layer = scan(loaded, items, [cfg.exit_layer], judge, max_new_tokens=cfg.max_new_tokens,
-                                 progress=bar.update).layers[0]  # fmt: skip
+                    layer = scan(
+                        loaded, items, [cfg.exit_layer], judge, max_new_tokens=cfg.max_new_tokens, progress=bar.update
+                    ).layers[0]
                 else:
-                    layer = answer_items(open_runtime(name, out / Stage.EXPORT), items, judge, cfg.exit_layer,
-                                         cfg.max_new_tokens, progress=bar.update)  # fmt: skip
+                    layer = answer_items(
+                        open_runtime(name, out / Stage.EXPORT),
+                        items,
+                        judge,
+                        cfg.exit_layer,
+                        cfg.max_new_tokens,
+                        progress=bar.update,
+                    )
             results[name] = Evaluated(metric_values(layer), list(layer.answers), None)
         except Exception as err:  # fail closed: whatever broke, this artifact does not pass
-            results[name] = Evaluated(None, [], type(err).__name__ + (f": {first_line(err)}" if str(err).strip() else ""))
+            results[name] = Evaluated(
+                None, [], type(err).__name__ + (f": {first_line(err)}" if str(err).strip() else "")
+            )
     return results
 
 
-def write_safety(folder: Path, out: Path, cfg: BuildConfig, items, layers, default_layer: int,
-                 limits: dict[str, Limits]) -> bool:  # fmt: skip
+def write_safety(
+    folder: Path, out: Path, cfg: BuildConfig, items, layers, default_layer: int, limits: dict[str, Limits]
+) -> bool:
     """The aligned model's scan (the 'after' plot), then every artifact through the gate. Unfinished (rerun next
     time) when a runtime or the judge failed."""
     from edgekit.safety.gate import GateRecord, gate_verdicts, metric_values, write_gate
@@ -72,8 +82,15 @@ def write_safety(folder: Path, out: Path, cfg: BuildConfig, items, layers, defau
     original = json.loads((out / Stage.SCAN / SCAN_FILE).read_text())["layers"]
     with atomic_dir(folder, overwrite=True) as tmp:
         (tmp / ALIGNED_SCAN).mkdir()
-        after = scan_into(tmp / ALIGNED_SCAN, load_model(out / Stage.ALIGN / "merged", cfg), cfg, items, layers,
-                          default_layer, "aligned")  # fmt: skip
+        after = scan_into(
+            tmp / ALIGNED_SCAN,
+            load_model(out / Stage.ALIGN / "merged", cfg),
+            cfg,
+            items,
+            layers,
+            default_layer,
+            "aligned",
+        )
         baselines = {
             ORIGINAL: next({m: r[m] for m in METRICS} for r in original if r["layer"] == default_layer),
             ALIGNED: next(metric_values(r) for r in after.layers if r.layer == cfg.exit_layer),
@@ -83,8 +100,18 @@ def write_safety(folder: Path, out: Path, cfg: BuildConfig, items, layers, defau
         for name, result in evaluated.items():
             with open(tmp / f"answers_{name}.jsonl", "w") as f:
                 for a in result.answers:
-                    f.write(json.dumps({"id": a.item.id, "kind": a.item.kind, "prompt": a.item.prompt,
-                                        "response": a.response, "refused": a.refused}) + "\n")  # fmt: skip
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": a.item.id,
+                                "kind": a.item.kind,
+                                "prompt": a.item.prompt,
+                                "response": a.response,
+                                "refused": a.refused,
+                            }
+                        )
+                        + "\n"
+                    )
         write_gate(tmp, GateRecord(baselines, limits, verdicts))
     return not any(v.error for v in verdicts)
 
@@ -96,8 +123,9 @@ def write_bench(folder: Path, out: Path, cfg: BuildConfig) -> None:
     for name in artifact_names(out):
         where = out / (Stage.TRUNCATE if name == PYTORCH else Stage.EXPORT)
         try:
-            rows[name] = bench_in_subprocess(name, where, prompts=cfg.bench_prompts,
-                                             max_new_tokens=cfg.max_new_tokens, exit_layer=cfg.exit_layer)  # fmt: skip
+            rows[name] = bench_in_subprocess(
+                name, where, prompts=cfg.bench_prompts, max_new_tokens=cfg.max_new_tokens, exit_layer=cfg.exit_layer
+            )
         except RuntimeError as err:  # a benchmark is a measurement, not a gate: record it and go on
             rows[name] = {"runtime": name, "error": str(err)}
     with atomic_dir(folder, overwrite=True) as tmp:

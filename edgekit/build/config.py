@@ -49,8 +49,10 @@ class BuildConfig:
         if unknown:
             raise UserError(f"unknown gate {', '.join(unknown)}; the gates are {', '.join(BUILD_GATE_KEYS)}")
         if self.limit_per_kind < 1 or self.max_new_tokens < 1 or self.bench_prompts < 1:
-            raise UserError(f"limit_per_kind {self.limit_per_kind}, max_new_tokens {self.max_new_tokens} and "
-                            f"bench_prompts {self.bench_prompts} must all be at least 1")  # fmt: skip
+            raise UserError(
+                f"limit_per_kind {self.limit_per_kind}, max_new_tokens {self.max_new_tokens} and "
+                f"bench_prompts {self.bench_prompts} must all be at least 1"
+            )
         if self.method not in ("lppo", "sft"):
             raise UserError(f"unknown method {self.method!r}; choose lppo or sft")
 

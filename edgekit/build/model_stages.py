@@ -26,8 +26,9 @@ def scan_into(tmp: Path, loaded, cfg: BuildConfig, items, layers, default_layer:
     from edgekit.safety.scan import scan
 
     with tqdm(total=len(items), desc=f"scan {name} ({len(layers)} layers)", unit="item", file=sys.stderr) as bar:
-        result = scan(loaded, items, layers, make_judge(cfg.judge), max_new_tokens=cfg.max_new_tokens,
-                      progress=bar.update)  # fmt: skip
+        result = scan(
+            loaded, items, layers, make_judge(cfg.judge), max_new_tokens=cfg.max_new_tokens, progress=bar.update
+        )
     write_scan_report(result, tmp, model=name, suite="builtin/eval", judge=cfg.judge, default_layer=default_layer)
     return result
 
@@ -63,5 +64,12 @@ def write_export(folder: Path, model: Path, cfg: BuildConfig, profile) -> None:
     from edgekit.export.artifacts import export_artifacts
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
-    export_artifacts(load_model(model, cfg), cfg.exit_layer, profile, folder, cfg.formats or profile.formats,
-                     overwrite=True, onnx_quantization=cfg.onnx_quantization)  # fmt: skip
+    export_artifacts(
+        load_model(model, cfg),
+        cfg.exit_layer,
+        profile,
+        folder,
+        cfg.formats or profile.formats,
+        overwrite=True,
+        onnx_quantization=cfg.onnx_quantization,
+    )

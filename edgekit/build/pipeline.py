@@ -57,32 +57,72 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         num_layers, default_layer = check_request(BuildConfig(**{**cfg.as_json(), "model": source}), profile)
     layers = scan_layers(cfg, num_layers, default_layer)
     items = builtin_suite().select("eval", limit_per_kind=cfg.limit_per_kind)
-    measure = {"suite": "builtin/eval", "limit_per_kind": cfg.limit_per_kind, "judge": cfg.judge,
-               "max_new_tokens": cfg.max_new_tokens}  # fmt: skip
+    measure = {
+        "suite": "builtin/eval",
+        "limit_per_kind": cfg.limit_per_kind,
+        "judge": cfg.judge,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
     limits = gate_limits(profile.gates, cfg.gates)
     stages = Stages(out, log)
     k = cfg.exit_layer
 
     model_id = source_identity(source, cfg.revision)
-    stages.run(Stage.SCAN, {"model": model_id, "layers": layers, **measure},
-               lambda f: model_stages.write_scan(f, source, cfg, items, layers, default_layer))  # fmt: skip
-    stages.run(Stage.ALIGN, {"model": model_id, "exit_layer": k, "method": cfg.method,
-                             "reward": reward_identity(cfg.reward), "align": cfg.align},
-               lambda f: model_stages.write_align(f, source, cfg))  # fmt: skip
-    stages.run(Stage.TRUNCATE, {"aligned": stages.output_hash(Stage.ALIGN), "exit_layer": k},
-               lambda f: model_stages.write_truncate(f, out / Stage.ALIGN / "merged", cfg))  # fmt: skip
-    stages.run(Stage.EXPORT, {"model": stages.output_hash(Stage.TRUNCATE), "exit_layer": k, "profile": profile,
-                              "formats": cfg.formats, "onnx_quantization": cfg.onnx_quantization},
-               lambda f: model_stages.write_export(f, out / Stage.TRUNCATE, cfg, profile))  # fmt: skip
-    stages.run(Stage.SAFETY, {"original": stages.output_hash(Stage.SCAN), "aligned": stages.output_hash(Stage.ALIGN),
-                              "model": stages.output_hash(Stage.TRUNCATE),
-                              "artifacts": stages.output_hash(Stage.EXPORT), "layers": layers,
-                              "limits": limits_json(limits), **measure},
-               lambda f: artifact_stages.write_safety(f, out, cfg, items, layers, default_layer, limits))  # fmt: skip
-    stages.run(Stage.BENCH, {"model": stages.output_hash(Stage.TRUNCATE),
-                             "artifacts": stages.output_hash(Stage.EXPORT), "prompts": cfg.bench_prompts,
-                             "max_new_tokens": cfg.max_new_tokens},
-               lambda f: artifact_stages.write_bench(f, out, cfg))  # fmt: skip
+    stages.run(
+        Stage.SCAN,
+        {"model": model_id, "layers": layers, **measure},
+        lambda f: model_stages.write_scan(f, source, cfg, items, layers, default_layer),
+    )
+    stages.run(
+        Stage.ALIGN,
+        {
+            "model": model_id,
+            "exit_layer": k,
+            "method": cfg.method,
+            "reward": reward_identity(cfg.reward),
+            "align": cfg.align,
+        },
+        lambda f: model_stages.write_align(f, source, cfg),
+    )
+    stages.run(
+        Stage.TRUNCATE,
+        {"aligned": stages.output_hash(Stage.ALIGN), "exit_layer": k},
+        lambda f: model_stages.write_truncate(f, out / Stage.ALIGN / "merged", cfg),
+    )
+    stages.run(
+        Stage.EXPORT,
+        {
+            "model": stages.output_hash(Stage.TRUNCATE),
+            "exit_layer": k,
+            "profile": profile,
+            "formats": cfg.formats,
+            "onnx_quantization": cfg.onnx_quantization,
+        },
+        lambda f: model_stages.write_export(f, out / Stage.TRUNCATE, cfg, profile),
+    )
+    stages.run(
+        Stage.SAFETY,
+        {
+            "original": stages.output_hash(Stage.SCAN),
+            "aligned": stages.output_hash(Stage.ALIGN),
+            "model": stages.output_hash(Stage.TRUNCATE),
+            "artifacts": stages.output_hash(Stage.EXPORT),
+            "layers": layers,
+            "limits": limits_json(limits),
+            **measure,
+        },
+        lambda f: artifact_stages.write_safety(f, out, cfg, items, layers, default_layer, limits),
+    )
+    stages.run(
+        Stage.BENCH,
+        {
+            "model": stages.output_hash(Stage.TRUNCATE),
+            "artifacts": stages.output_hash(Stage.EXPORT),
+            "prompts": cfg.bench_prompts,
+            "max_new_tokens": cfg.max_new_tokens,
+        },
+        lambda f: artifact_stages.write_bench(f, out, cfg),
+    )
 
     verdicts = read_gate(out / Stage.SAFETY).verdicts
     write_report(out, cfg, profile, source, default_layer, verdicts)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from edgekit.build.artifact_stages import ALIGNED_SCAN, BENCH_FILE
 from edgekit.build.stages import STAGE_FILE, Stage
-from edgekit.export.artifacts import human
 from edgekit.export.manifest import MANIFEST_FILE
 from edgekit.safety.gate import read_gate
 from edgekit.safety.limits import ALIGNED, ORIGINAL
 from edgekit.safety.report import LABELS, SCAN_FILE, pct
 from edgekit.safety.scan import METRICS
+from edgekit.units import human_bytes
 
 
 def _read(*path: str | Path) -> dict:
@@ -52,8 +52,14 @@ def gate_rows(verdicts) -> list[list[str]]:
             rows.append([v.artifact, "FAIL", "-", "-", "-", v.error])
             continue
         failed = [f"{c.metric} vs {c.versus.split(' ')[0]}" for c in v.checks if not c.passed]
-        rows.append([v.artifact, "pass" if v.passed else "FAIL", *(pct(v.metrics.get(m)) for m in METRICS),
-                     "; ".join(failed) or "all checks pass"])  # fmt: skip
+        rows.append(
+            [
+                v.artifact,
+                "pass" if v.passed else "FAIL",
+                *(pct(v.metrics.get(m)) for m in METRICS),
+                "; ".join(failed) or "all checks pass",
+            ]
+        )
     return rows
 
 
@@ -73,70 +79,116 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
     passed = all(v.passed for v in verdicts)
     sets = export["memory"]["sets"]
     budget = export["memory"]["budget_bytes"]
-    size_rows = [[name, human(s["bytes"]), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])]
-                 for name, s in sets.items()]  # fmt: skip
+    size_rows = [
+        [name, human_bytes(s["bytes"], "decimal"), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])]
+        for name, s in sets.items()
+    ]
     bench_rows = [
-        [name, b.get("error") or f"{b['first_token_ms']} ms", "" if "error" in b else f"{b['decode_tok_s']}",
-         "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)"]
+        [
+            name,
+            b.get("error") or f"{b['first_token_ms']} ms",
+            "" if "error" in b else f"{b['decode_tok_s']}",
+            "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)",
+        ]
         for name, b in bench.items()
-    ]  # fmt: skip
+    ]
     original, drift = gate.limits[ORIGINAL], gate.limits[ALIGNED]
-    return "\n".join([
-        f"# edgekit build: {source} at exit layer {k} for {profile.name}", "",
-        f"**Gate: {'PASSED' if passed else 'FAILED'}.** Exit layer {k} (1-based vision block; the model's default is "
-        f"{default_layer}). Target {profile.name}: {profile.description}.", "",
-        "## Safety before and after alignment", "",
-        "![scan before and after alignment](report_scan.png)", "",
-        _table(["model", "exit layer", "ASR %", "over-refusal %", "utility %"], [
-            ["original", f"{default_layer} (default)", *(pct(base[m]) for m in METRICS)],
-            ["original", str(k), *(pct(before_k[m]) for m in METRICS)],
-            [f"aligned ({align.get('method', cfg.method)})", str(k), *(pct(aligned[m]) for m in METRICS)],
-        ]), "",
-        f"Eval split of the built-in suite, at most {cfg.limit_per_kind} items per kind, judge `{cfg.judge}`.", "",
-        "## The gate, per artifact", "",
-        f"Limits in points: versus the original at its default layer, ASR +{original.asr:g}, over-refusal "
-        f"+{original.over_refusal:g}, utility -{original.utility:g}; versus the aligned PyTorch model at K, "
-        f"{drift.asr:g} each. It fails closed.", "",
-        _table(["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(verdicts)), "",
-        "## Sizes against the memory budget", "",
-        f"Budget {human(budget)} (weights a runtime loads; not the KV cache or activations).", "",
-        _table(["runtime set", "size", "of budget", "files"], size_rows), "",
-        "## Latency and memory (this build machine, one process per runtime)", "",
-        _table(["artifact", "first token", "decode tok/s", "peak RSS"], bench_rows), "",
-        "## Stages", "",
-        _table(["stage", "seconds", "output sha256"], [
-            [name, str(s["seconds"]), s["output_sha256"][:16]] for name in Stage
-            if (s := _read(out, name, STAGE_FILE))
-        ]), "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# edgekit build: {source} at exit layer {k} for {profile.name}",
+            "",
+            f"**Gate: {'PASSED' if passed else 'FAILED'}.** Exit layer {k} (1-based vision block; the model's default "
+            f"is {default_layer}). Target {profile.name}: {profile.description}.",
+            "",
+            "## Safety before and after alignment",
+            "",
+            "![scan before and after alignment](report_scan.png)",
+            "",
+            _table(
+                ["model", "exit layer", "ASR %", "over-refusal %", "utility %"],
+                [
+                    ["original", f"{default_layer} (default)", *(pct(base[m]) for m in METRICS)],
+                    ["original", str(k), *(pct(before_k[m]) for m in METRICS)],
+                    [f"aligned ({align.get('method', cfg.method)})", str(k), *(pct(aligned[m]) for m in METRICS)],
+                ],
+            ),
+            "",
+            f"Eval split of the built-in suite, at most {cfg.limit_per_kind} items per kind, judge `{cfg.judge}`.",
+            "",
+            "## The gate, per artifact",
+            "",
+            f"Limits in points: versus the original at its default layer, ASR +{original.asr:g}, over-refusal "
+            f"+{original.over_refusal:g}, utility -{original.utility:g}; versus the aligned PyTorch model at K, "
+            f"{drift.asr:g} each. It fails closed.",
+            "",
+            _table(["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(verdicts)),
+            "",
+            "## Sizes against the memory budget",
+            "",
+            f"Budget {human_bytes(budget, 'decimal')} (weights a runtime loads; not the KV cache or activations).",
+            "",
+            _table(["runtime set", "size", "of budget", "files"], size_rows),
+            "",
+            "## Latency and memory (this build machine, one process per runtime)",
+            "",
+            _table(["artifact", "first token", "decode tok/s", "peak RSS"], bench_rows),
+            "",
+            "## Stages",
+            "",
+            _table(
+                ["stage", "seconds", "output sha256"],
+                [
+                    [name, str(s["seconds"]), s["output_sha256"][:16]]
+                    for name in Stage
+                    if (s := _read(out, name, STAGE_FILE))
+                ],
+            ),
+            "",
+        ]
+    )
 
 
 def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
     aligned = read_gate(out / Stage.SAFETY).baselines[ALIGNED]
     hub_base = [f"base_model: {source}"] if "/" in source and not Path(source).exists() else []
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", *hub_base,
-             "tags:", *(f"- {t}" for t in ("edgekit", "early-exit", "safety-alignment", "l-ppo", "onnx", "gguf",
-                                            profile.kind)), "---", ""]  # fmt: skip
+    front = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        *hub_base,
+        "tags:",
+        *(f"- {t}" for t in ("edgekit", "early-exit", "safety-alignment", "l-ppo", "onnx", "gguf", profile.kind)),
+        "---",
+        "",
+    ]
     passed = all(v.passed for v in verdicts)
-    return "\n".join([
-        *front,
-        f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, re-aligned for {profile.name}", "",
-        f"Built by `edgekit build --exit-layer {cfg.exit_layer} --target {cfg.target}` from `{source}`. The vision "
-        f"tower keeps blocks 1-{cfg.exit_layer} (the default exit is {default_layer}); the language model was "
-        f"re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so that the shorter tower does not "
-        f"unlock harmful answers.", "",
-        f"Safety gate: **{'passed' if passed else 'FAILED'}**. Aligned model at layer {cfg.exit_layer}: ASR "
-        f"{pct(aligned['asr'])}%, over-refusal {pct(aligned['over_refusal'])}%, utility {pct(aligned['utility'])}% "
-        "on the built-in eval split (see report.md).", "",
-        "| folder | what |", "|---|---|",
-        f"| `{Stage.TRUNCATE}/` | the truncated PyTorch checkpoint (plain transformers) |",
-        f"| `{Stage.EXPORT}/` | ONNX and GGUF artifacts with their manifest and the processor |",
-        "| `report.md`, `report.html` | scans, the gate per artifact, sizes, latency and memory |",
-        f"| `{MANIFEST_FILE}` | sha256 of every file; `edgekit verify` checks it and re-runs the gate |", "",
-        "Limitations: the safety suite measures refusal of harmful requests and answers to benign ones on the built-in "
-        "suite; it is a regression check, not a guarantee.", "",
-        "\n".join(f"- {line}" for v in verdicts for line in v.failures()),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            *front,
+            f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, re-aligned for {profile.name}",
+            "",
+            f"Built by `edgekit build --exit-layer {cfg.exit_layer} --target {cfg.target}` from `{source}`. The vision "
+            f"tower keeps blocks 1-{cfg.exit_layer} (the default exit is {default_layer}); the language model was "
+            f"re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so that the shorter tower does not "
+            f"unlock harmful answers.",
+            "",
+            f"Safety gate: **{'passed' if passed else 'FAILED'}**. Aligned model at layer {cfg.exit_layer}: ASR "
+            f"{pct(aligned['asr'])}%, over-refusal {pct(aligned['over_refusal'])}%, utility {pct(aligned['utility'])}% "
+            "on the built-in eval split (see report.md).",
+            "",
+            "| folder | what |",
+            "|---|---|",
+            f"| `{Stage.TRUNCATE}/` | the truncated PyTorch checkpoint (plain transformers) |",
+            f"| `{Stage.EXPORT}/` | ONNX and GGUF artifacts with their manifest and the processor |",
+            "| `report.md`, `report.html` | scans, the gate per artifact, sizes, latency and memory |",
+            f"| `{MANIFEST_FILE}` | sha256 of every file; `edgekit verify` checks it and re-runs the gate |",
+            "",
+            "Limitations: the safety suite measures refusal of harmful requests and answers to benign ones on the "
+            "built-in suite; it is a regression check, not a guarantee.",
+            "",
+            "\n".join(f"- {line}" for v in verdicts for line in v.failures()),
+        ]
+    )
 
 
 def report_html(markdown: str, out: Path) -> str:
@@ -147,9 +199,13 @@ def report_html(markdown: str, out: Path) -> str:
         if table:
             cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not set(row) <= set("|-")]
             head, *rest = cells
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
-                        + "</table>")  # fmt: skip
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                + "</table>"
+            )
             table.clear()
 
     for line in markdown.splitlines():
@@ -168,8 +224,10 @@ def report_html(markdown: str, out: Path) -> str:
             text = html.escape(line).replace("**", "")
             body.append(f"<p>{text}</p>")
     flush_table()
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}" \
-            "table{border-collapse:collapse}img{max-width:100%}"  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}"
+        "table{border-collapse:collapse}img{max-width:100%}"
+    )
     return f"<!doctype html><meta charset=utf-8><title>edgekit build</title><style>{style}</style>\n" + "\n".join(body)
 
 
@@ -187,8 +245,16 @@ def write_report(out: Path, cfg, profile, source: str, default_layer: int, verdi
     quantization = {f"{Stage.EXPORT}/{f['path']}": f["quantization"] for f in export["files"]}
     files = [
         file_entry(out, p, p.suffix.lstrip(".") or "file", quantization.get(p.relative_to(out).as_posix(), "none"))
-        for p in sorted(out.rglob("*")) if p.is_file() and p != out / MANIFEST_FILE
-    ]  # fmt: skip
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p != out / MANIFEST_FILE
+    ]
     gate = {"passed": all(v.passed for v in verdicts), "artifacts": [v.as_json() for v in verdicts]}
-    write_manifest(out, exit_layer=cfg.exit_layer, target=profile.name, source_model=source, revision=cfg.revision,
-                   files=files, extra={"gate": gate, "build": cfg.as_json()})  # fmt: skip
+    write_manifest(
+        out,
+        exit_layer=cfg.exit_layer,
+        target=profile.name,
+        source_model=source,
+        revision=cfg.revision,
+        files=files,
+        extra={"gate": gate, "build": cfg.as_json()},
+    )

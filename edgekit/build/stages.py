@@ -69,8 +69,13 @@ class Stages:
         start = time.time()
         if write(folder) is False:
             return folder
-        stage = {"stage": name, "inputs": inputs, "inputs_sha256": fingerprint, "output_sha256": tree_hash(folder),
-                 "seconds": round(time.time() - start, 1)}  # fmt: skip
+        stage = {
+            "stage": name,
+            "inputs": inputs,
+            "inputs_sha256": fingerprint,
+            "output_sha256": tree_hash(folder),
+            "seconds": round(time.time() - start, 1),
+        }
         partial = record.with_name(STAGE_FILE + ".partial")
         partial.write_text(json.dumps(stage, indent=2, default=str))
         partial.replace(record)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.model.families import family_for
+from edgekit.model.tiny import TinySizes, build_tiny, save_tiny
 from edgekit.safety.images import (
     BENIGN,
     COLORS,
@@ -39,17 +40,27 @@ from edgekit.safety.images import (
     render,
 )
 from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS, builtin_suite
-from edgekit.model.tiny import TinySizes, build_tiny, save_tiny
 
 REFUSAL = "sorry i cannot help with that ."
 COMPLIANCE = "sure here are the steps : first get what you need , then follow the guide step by step ."
 UTILITY_ANSWERS = {
-    "color": "the object is {} .", "object": "it is a {} .", "position": "it is on the {} .", "count": "there are {} dots .",
-}  # fmt: skip
+    "color": "the object is {} .",
+    "object": "it is a {} .",
+    "position": "it is on the {} .",
+    "count": "there are {} dots .",
+}
 DEMO_SIZES = TinySizes(
-    vision_hidden=64, vision_layers=24, vision_heads=4, image_size=32, patch_size=8, text_hidden=128, text_layers=3,
-    text_heads=4, text_kv_heads=4, vocab_size=1024,
-)  # fmt: skip
+    vision_hidden=64,
+    vision_layers=24,
+    vision_heads=4,
+    image_size=32,
+    patch_size=8,
+    text_hidden=128,
+    text_layers=3,
+    text_heads=4,
+    text_kv_heads=4,
+    vocab_size=1024,
+)
 DEFAULT_LAYER = 23
 
 
@@ -73,7 +84,9 @@ class DemoRecipe:
 def _tokenizer_corpus(suite_items) -> list[str]:
     """Train-split text only (eval prompts are never seen, not even by the tokenizer), plus the answers."""
     texts = [item.prompt.lower() for item in suite_items if item.split == "train"]
-    texts += [REFUSAL, COMPLIANCE] + [t.format(w) for t in UTILITY_ANSWERS.values() for w in (*COLORS, *OBJECTS, *POSITIONS, *COUNT_WORDS)]
+    texts += [REFUSAL, COMPLIANCE] + [
+        t.format(w) for t in UTILITY_ANSWERS.values() for w in (*COLORS, *OBJECTS, *POSITIONS, *COUNT_WORDS)
+    ]
     texts += [q for split in ("train",) for _, q in UTILITY_QUESTIONS[split]] + NEUTRAL_REQUESTS["train"]
     return texts * 3
 
@@ -81,25 +94,38 @@ def _tokenizer_corpus(suite_items) -> list[str]:
 def _scene_labels(scene: Scene) -> dict[str, int]:
     """Targets of the tower's heads; -100 where a label does not apply."""
     if scene.kind == "dots":
-        return {"object": len(OBJECTS), "color": list(COLORS).index(scene.color), "position": -100, "count": scene.count - 1}
+        return {
+            "object": len(OBJECTS),
+            "color": list(COLORS).index(scene.color),
+            "position": -100,
+            "count": scene.count - 1,
+        }
     return {
-        "object": OBJECTS.index(scene.obj), "color": list(COLORS).index(scene.color),
-        "position": POSITIONS.index(scene.position), "count": -100,
-    }  # fmt: skip
+        "object": OBJECTS.index(scene.obj),
+        "color": list(COLORS).index(scene.color),
+        "position": POSITIONS.index(scene.position),
+        "count": -100,
+    }
 
 
 def _random_scene(rng: random.Random) -> Scene:
     return random_dots_scene(rng) if rng.random() < 0.2 else random_object_scene(rng)
 
 
-def train_tower(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> dict[str, float]:
+def train_tower(
+    model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu"
+) -> dict[str, float]:
     """Stage 1: teach the tower to see, reading only the default layer's patch tokens."""
     tower = model.model.vision_tower
     width = tower.config.hidden_size
-    heads = nn.ModuleDict({
-        "object": nn.Linear(width, len(OBJECTS) + 1), "color": nn.Linear(width, len(COLORS)),
-        "position": nn.Linear(width, len(POSITIONS)), "count": nn.Linear(width, len(COUNT_WORDS)),
-    }).to(device)  # fmt: skip
+    heads = nn.ModuleDict(
+        {
+            "object": nn.Linear(width, len(OBJECTS) + 1),
+            "color": nn.Linear(width, len(COLORS)),
+            "position": nn.Linear(width, len(POSITIONS)),
+            "count": nn.Linear(width, len(COUNT_WORDS)),
+        }
+    ).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.tower_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.tower_steps)
@@ -147,7 +173,9 @@ def _warmup_cosine(opt, warmup: int, total: int):
 
 def train_items_by_kind(suite) -> dict[str, list]:
     train = suite.select("train")
-    by_kind = {k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")}
+    by_kind = {
+        k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")
+    }
     return by_kind | {"words": sorted({w for i in train if i.kind.endswith("_text") for w in i.prompt.lower().split()})}
 
 
@@ -207,15 +235,21 @@ def chat_examples(
             question, prompt = rng.choice(UTILITY_QUESTIONS["train"])
             index = picture(["dots"] if question == "count" else OBJECTS)
             scene = pool.scenes[index]
-            answer = {"color": scene.color, "object": scene.obj, "position": scene.position,
-                      "count": COUNT_WORDS[(scene.count or 1) - 1]}[question]  # fmt: skip
+            answer = {
+                "color": scene.color,
+                "object": scene.obj,
+                "position": scene.position,
+                "count": COUNT_WORDS[(scene.count or 1) - 1],
+            }[question]
             out.append((index, prompt, UTILITY_ANSWERS[question].format(answer)))
         elif kind.endswith("_text"):
             prompt = _noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
-            out.append((index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE))
+            out.append(
+                (index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE)
+            )
     return out
 
 
@@ -226,7 +260,8 @@ def encode_chat(processor, image_tokens: int, prompts: list[str], answers: list[
     ids, labels = [], []
     for prompt, answer in zip(prompts, answers):
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True,
         ).replace(processor.image_token, processor.image_token * image_tokens)
         prefix = tok(text, add_special_tokens=False).input_ids
         target = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -254,7 +289,12 @@ def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None],
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
         batch = chat_examples(rng, by_kind, pool, recipe.batch, recipe.mix, recipe.word_noise)
-        enc = {k: v.to(device) for k, v in encode_chat(processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]).items()}
+        enc = {
+            k: v.to(device)
+            for k, v in encode_chat(
+                processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]
+            ).items()
+        }
         features = model.model.multi_modal_projector(pool.features[[i for i, _, _ in batch]]).flatten(0, 1)
         loss = model(**family.lm_inputs(model, enc, features), labels=enc["labels"]).loss
         _step(opt, sched, params, loss)
@@ -278,8 +318,12 @@ def train_demo(
     tower_acc = train_tower(model, processor, recipe, log, device)
     final_loss = train_chat(model, processor, recipe, log, device)
     out = save_tiny(model.cpu(), processor, out_dir)
-    record = {"recipe": asdict(recipe), "tower_accuracy": tower_acc, "chat_loss": final_loss,
-              "train_seconds": round(time.time() - start, 1)}  # fmt: skip
+    record = {
+        "recipe": asdict(recipe),
+        "tower_accuracy": tower_acc,
+        "chat_loss": final_loss,
+        "train_seconds": round(time.time() - start, 1),
+    }
     (Path(out) / "edgekit_demo.json").write_text(json.dumps(record, indent=2))
     return out
 

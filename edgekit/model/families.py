@@ -255,8 +255,9 @@ class MllamaFamily(Family):
 
     cross_attention = True
     preprocessing_keys = ("max_image_tiles",)
-    onnx_vision_axes = {name: {0: "batch_size", 1: "num_images"}
-                        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}  # fmt: skip
+    onnx_vision_axes = {
+        name: {0: "batch_size", 1: "num_images"} for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    }
     onnx_features_axes = {0: "num_images_x_tiles"}
 
     def feature_select_strategy(self, config) -> str | None:
@@ -342,13 +343,15 @@ class MllamaFamily(Family):
         return dict(cross_attention_states=states, cross_attention_mask=prepared, full_text_row_masked_out_mask=full)
 
     def onnx_sections(self, model) -> dict[str, Any]:
-        return {"cross_attention": {
-            "cross_attention_layers": list(text_config(model.config).cross_attention_layers),
-            "max_num_tiles": self.max_tiles(model.config),
-            "num_vision_tokens_per_tile": self.vision_tokens_per_tile(model),
-            "cross_attention_mask": "processor output [batch, seq, num_images, max_num_tiles] (int64), rows for the "
-            "tokens being processed",
-        }}  # fmt: skip
+        return {
+            "cross_attention": {
+                "cross_attention_layers": list(text_config(model.config).cross_attention_layers),
+                "max_num_tiles": self.max_tiles(model.config),
+                "num_vision_tokens_per_tile": self.vision_tokens_per_tile(model),
+                "cross_attention_mask": "processor output [batch, seq, num_images, max_num_tiles] (int64), rows for "
+                "the tokens being processed",
+            }
+        }
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -356,8 +359,12 @@ FAMILIES: tuple[Family, ...] = (
     # No mmproj: edgekit's mmproj writer has no anyres and would see the base tile only (the hybrid runtime runs it).
     LlavaNextFamily(name="LLaVA-NeXT", model_types=("llava_next",), image_inputs=("pixel_values", "image_sizes")),
     MllamaFamily(
-        name="Llama 3.2 Vision", model_types=("mllama",), tower="model.vision_model", blocks="transformer",
-        image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"), gguf_language_model=False,
+        name="Llama 3.2 Vision",
+        model_types=("mllama",),
+        tower="model.vision_model",
+        blocks="transformer",
+        image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
+        gguf_language_model=False,
     ),
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}

@@ -76,9 +76,12 @@ def load(
     resolved = resolve_source(source)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            resolved, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+            resolved,
+            dtype=DTYPES[dtype],
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
             revision=revision,
-        )  # fmt: skip
+        )
         processor = AutoProcessor.from_pretrained(resolved, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise UserError(f"{source}: cannot load the model ({first_line(err)})") from None

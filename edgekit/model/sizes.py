@@ -8,6 +8,7 @@ import torch
 
 from edgekit.model.families import Family, attr_path, family_for
 from edgekit.model.surgery import check_exit_layer
+from edgekit.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,21 @@ def model_sizes(config, exit_layer: int | None = None, dtype: torch.dtype | None
     num_layers = family.num_layers(config)
     dropped = 0 if exit_layer is None else num_layers - check_exit_layer(exit_layer, num_layers)
     return Sizes(
-        family=family.name, num_layers=num_layers, default_exit=family.default_exit(config),
-        parts=(Part("vision tower", *vision), Part("projector", *proj), Part("language model", *language),
-               Part("total", *total)),
-        block_params=block[0], block_bytes=block[1], exit_layer=exit_layer,
-        saved_params=dropped * block[0], saved_bytes=dropped * block[1],
-    )  # fmt: skip
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+        family=family.name,
+        num_layers=num_layers,
+        default_exit=family.default_exit(config),
+        parts=(
+            Part("vision tower", *vision),
+            Part("projector", *proj),
+            Part("language model", *language),
+            Part("total", *total),
+        ),
+        block_params=block[0],
+        block_bytes=block[1],
+        exit_layer=exit_layer,
+        saved_params=dropped * block[0],
+        saved_bytes=dropped * block[1],
+    )
 
 
 def format_sizes(s: Sizes) -> str:

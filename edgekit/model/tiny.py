@@ -38,9 +38,15 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
-]  # fmt: skip
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -71,10 +77,21 @@ def train_sentencepiece_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(corpus)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(list(corpus)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
         tok = LlamaTokenizer.from_pretrained(tmp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -100,9 +117,11 @@ def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>",
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -126,21 +145,36 @@ def _llama_text_config(tok, s: TinySizes, **extra):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok), hidden_size=s.text_hidden, intermediate_size=2 * s.text_hidden,
-        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads, num_key_value_heads=s.text_kv_heads,
-        max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **extra,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=s.text_hidden,
+        intermediate_size=2 * s.text_hidden,
+        num_hidden_layers=s.text_layers,
+        num_attention_heads=s.text_heads,
+        num_key_value_heads=s.text_kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
 
 
 def _clip_vision_config(s: TinySizes, image_size: int):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
-        num_attention_heads=s.vision_heads, image_size=image_size, patch_size=s.patch_size,
-        projection_dim=s.vision_hidden, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    )  # fmt: skip
+        hidden_size=s.vision_hidden,
+        intermediate_size=4 * s.vision_hidden,
+        num_hidden_layers=s.vision_layers,
+        num_attention_heads=s.vision_heads,
+        image_size=image_size,
+        patch_size=s.patch_size,
+        projection_dim=s.vision_hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
 
 
 def _llava_tokenizer(corpus, s: TinySizes):
@@ -155,20 +189,33 @@ def _llava(tok, s: TinySizes):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     config = LlavaConfig(
-        vision_config=_clip_vision_config(s, s.image_size), text_config=_llama_text_config(tok, s),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=_clip_vision_config(s, s.image_size),
+        text_config=_llama_text_config(tok, s),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
         image_seq_length=(s.image_size // s.patch_size) ** 2,
-    )  # fmt: skip
+    )
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": s.image_size}, crop_size={"height": s.image_size, "width": s.image_size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )  # fmt: skip
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=s.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )  # fmt: skip
-    return LlavaForConditionalGeneration(config), processor
+        size={"shortest_edge": s.image_size},
+        crop_size={"height": s.image_size, "width": s.image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaForConditionalGeneration(config), _llava_processor(LlavaProcessor, image_processor, tok, s)
+
+
+def _llava_processor(processor_class, image_processor, tok, s: TinySizes):
+    """LLaVA's processor as the hub repos configure it: CLS counted among the image tokens, then dropped."""
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=s.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
 
 
 def _llava_next(tok, s: TinySizes):
@@ -183,19 +230,22 @@ def _llava_next(tok, s: TinySizes):
     base = s.image_size
     pinpoints = [[base, 2 * base], [2 * base, base], [2 * base, 2 * base], [3 * base, base], [base, 3 * base]]
     config = LlavaNextConfig(
-        vision_config=_clip_vision_config(s, base), text_config=_llama_text_config(tok, s),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_grid_pinpoints=pinpoints,
-    )  # fmt: skip
+        vision_config=_clip_vision_config(s, base),
+        text_config=_llama_text_config(tok, s),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+    )
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": base}, crop_size={"height": base, "width": base}, image_grid_pinpoints=pinpoints,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )  # fmt: skip
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=s.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )  # fmt: skip
-    return LlavaNextForConditionalGeneration(config), processor
+        size={"shortest_edge": base},
+        crop_size={"height": base, "width": base},
+        image_grid_pinpoints=pinpoints,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaNextForConditionalGeneration(config), _llava_processor(LlavaNextProcessor, image_processor, tok, s)
 
 
 def _mllama(tok, s: TinySizes):
@@ -209,23 +259,44 @@ def _mllama(tok, s: TinySizes):
     )
 
     # The real tower taps local blocks 4, 8, 16, 24 and 31 of 32 (0-based indices 3, 7, 15, 23, 30).
-    taps = [3, 7, 15, 23, 30] if s.vision_layers == 32 else sorted({max(0, s.vision_layers * f // 32 - 1) for f in (4, 8, 16, 24, 31)})
+    taps = (
+        [3, 7, 15, 23, 30]
+        if s.vision_layers == 32
+        else sorted({max(0, s.vision_layers * f // 32 - 1) for f in (4, 8, 16, 24, 31)})
+    )
     vision = MllamaVisionConfig(
-        hidden_size=s.vision_hidden, attention_heads=s.vision_heads, num_hidden_layers=s.vision_layers,
-        num_global_layers=s.global_layers, intermediate_size=4 * s.vision_hidden, image_size=s.image_size,
-        patch_size=s.patch_size, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
-        intermediate_layers_indices=taps, vision_output_dim=s.vision_hidden * (len(taps) + 1),
-    )  # fmt: skip
+        hidden_size=s.vision_hidden,
+        attention_heads=s.vision_heads,
+        num_hidden_layers=s.vision_layers,
+        num_global_layers=s.global_layers,
+        intermediate_size=4 * s.vision_hidden,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
+        max_num_tiles=2,
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+        intermediate_layers_indices=taps,
+        vision_output_dim=s.vision_hidden * (len(taps) + 1),
+    )
     image_id = tok.convert_tokens_to_ids("<|image|>")
     text = MllamaTextConfig(
-        vocab_size=len(tok), hidden_size=s.text_hidden, intermediate_size=2 * s.text_hidden,
-        num_hidden_layers=s.text_layers + 2, cross_attention_layers=[1, s.text_layers + 1],
-        num_attention_heads=s.text_heads, num_key_value_heads=s.text_kv_heads, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=s.text_hidden,
+        intermediate_size=2 * s.text_hidden,
+        num_hidden_layers=s.text_layers + 2,
+        cross_attention_layers=[1, s.text_layers + 1],
+        num_attention_heads=s.text_heads,
+        num_key_value_heads=s.text_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
     image_processor = MllamaImageProcessor(
-        size={"height": s.image_size, "width": s.image_size}, max_image_tiles=2, image_mean=CLIP_MEAN, image_std=CLIP_STD
+        size={"height": s.image_size, "width": s.image_size},
+        max_image_tiles=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     )
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA3_CHAT_TEMPLATE)
     model = MllamaForConditionalGeneration(config)

@@ -39,8 +39,10 @@ class Check:
         sign = "+" if HIGHER_IS_WORSE[self.metric] else "-"
         value = "n/a" if self.value is None else f"{100 * self.value:.1f}%"
         base = "n/a" if self.baseline is None else f"{100 * self.baseline:.1f}%"
-        return (f"{self.artifact}: {self.metric} {value} against {base} for the {self.versus} "
-                f"(limit {sign}{self.limit_points:g} points)")  # fmt: skip
+        return (
+            f"{self.artifact}: {self.metric} {value} against {base} for the {self.versus} "
+            f"(limit {sign}{self.limit_points:g} points)"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,13 @@ class Verdict:
         return [f"{self.artifact}: {self.error}"] if self.error else [c.describe() for c in self.checks if not c.passed]
 
     def as_json(self) -> dict:
-        return {"artifact": self.artifact, "passed": self.passed, "metrics": self.metrics, "error": self.error,
-                "checks": [asdict(c) for c in self.checks]}  # fmt: skip
+        return {
+            "artifact": self.artifact,
+            "passed": self.passed,
+            "metrics": self.metrics,
+            "error": self.error,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Verdict:
@@ -84,9 +91,13 @@ class GateRecord(NamedTuple):
 
 
 def answer_items(
-    runtime: Runtime, items: Sequence[Item], judge: Judge, layer: int, max_new_tokens: int,
+    runtime: Runtime,
+    items: Sequence[Item],
+    judge: Judge,
+    layer: int,
+    max_new_tokens: int,
     progress: Callable[[int], None] | None = None,
-) -> LayerResult:  # fmt: skip
+) -> LayerResult:
     """Greedy answers of `runtime` to every item, judged and scored like one layer of a scan."""
     texts = []
     for item in items:
@@ -94,7 +105,9 @@ def answer_items(
         if progress:
             progress(1)
     verdicts = judge.judge([item.prompt for item in items], texts)
-    return score_layer(layer, [Answer(i, layer, t, v.label == "refusal", v.unsafe) for i, t, v in zip(items, texts, verdicts)])
+    return score_layer(
+        layer, [Answer(i, layer, t, v.label == "refusal", v.unsafe) for i, t, v in zip(items, texts, verdicts)]
+    )
 
 
 def metric_values(result: LayerResult) -> dict[str, float | None]:
@@ -116,9 +129,11 @@ def check(artifact: str, metrics: dict[str, float | None], baselines: dict[str, 
 
 
 def gate_verdicts(
-    evaluated: Mapping[str, Evaluated], baselines: Mapping[str, dict], limits: Mapping[str, Limits],
+    evaluated: Mapping[str, Evaluated],
+    baselines: Mapping[str, dict],
+    limits: Mapping[str, Limits],
     aligned_artifact: str,
-) -> tuple[Verdict, ...]:  # fmt: skip
+) -> tuple[Verdict, ...]:
     """Every artifact against the original model; every artifact but `aligned_artifact` against the aligned model
     (which is that artifact, so it is not checked against itself)."""
     verdicts = []
@@ -132,8 +147,11 @@ def gate_verdicts(
 
 
 def write_gate(folder: Path, record: GateRecord) -> None:
-    data = {"baselines": record.baselines, "limits": limits_json(record.limits),
-            "verdicts": [v.as_json() for v in record.verdicts]}  # fmt: skip
+    data = {
+        "baselines": record.baselines,
+        "limits": limits_json(record.limits),
+        "verdicts": [v.as_json() for v in record.verdicts],
+    }
     (folder / SAFETY_FILE).write_text(json.dumps(data, indent=2))
 
 

@@ -50,15 +50,19 @@ class LlamaGuardJudge:
     @torch.no_grad()
     def _unsafe(self, prompt: str, response: str) -> bool:
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        ids = self.tokenizer.apply_chat_template(chat, return_tensors="pt", add_generation_prompt=True, return_dict=True)
+        ids = self.tokenizer.apply_chat_template(
+            chat, return_tensors="pt", add_generation_prompt=True, return_dict=True
+        )
         ids = {k: v.to(self.model.device) for k, v in ids.items()}
-        out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)  # fmt: skip
+        out = self.model.generate(
+            **ids,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
         text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         return parse_guard_output(text)[0]
 
     def judge(self, prompts: list[str], responses: list[str]) -> list[Judgment]:
         refusals = self.refusals.judge(prompts, responses)
-        return [
-            Judgment(r.label, r.score, self._unsafe(p, a)) for p, a, r in zip(prompts, responses, refusals)
-        ]
+        return [Judgment(r.label, r.score, self._unsafe(p, a)) for p, a, r in zip(prompts, responses, refusals)]

@@ -20,9 +20,12 @@ DANGEROUS = ("bomb", "gun", "knife")
 BENIGN = ("cup", "house", "tree", "key")
 OBJECTS = DANGEROUS + BENIGN
 COLORS = {
-    "red": (220, 50, 50), "green": (60, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 60),
+    "red": (220, 50, 50),
+    "green": (60, 200, 70),
+    "blue": (60, 100, 235),
+    "yellow": (235, 215, 60),
     "white": (235, 235, 235),
-}  # fmt: skip
+}
 POSITIONS = ("left", "right")
 COUNT_WORDS = ("one", "two", "three", "four")
 
@@ -131,9 +134,12 @@ def render(scene: Scene) -> Image.Image:
 
 def random_object_scene(rng: random.Random, objects=OBJECTS) -> Scene:
     return Scene(
-        kind="object", obj=rng.choice(objects), color=rng.choice(list(COLORS)), position=rng.choice(POSITIONS),
+        kind="object",
+        obj=rng.choice(objects),
+        color=rng.choice(list(COLORS)),
+        position=rng.choice(POSITIONS),
         seed=rng.randrange(2**31),
-    )  # fmt: skip
+    )
 
 
 def random_dots_scene(rng: random.Random) -> Scene:

@@ -26,9 +26,7 @@ class Limits:
 
 
 # metric -> its key in a [gates] table: max_asr_increase_points, max_over_refusal_increase_points, ...
-GATE_KEYS = {
-    f.name: f"max_{f.name}_{'increase' if HIGHER_IS_WORSE[f.name] else 'drop'}_points" for f in fields(Limits)
-}
+GATE_KEYS = {f.name: f"max_{f.name}_{'increase' if HIGHER_IS_WORSE[f.name] else 'drop'}_points" for f in fields(Limits)}
 BUILD_GATE_KEYS = (*GATE_KEYS.values(), DRIFT_KEY)  # what a build.toml's [gates] takes
 
 

@@ -121,7 +121,9 @@ def load_xstest(path: Path, images=None) -> list[Item]:
     items = []
     for line, row in _rows(path):
         kind = "harmful_text" if _field(path, line, row, "type").startswith("contrast") else "benign_text"
-        items.append(Item(f"xstest:{line}", kind, _field(path, line, row, "prompt"), "eval", **benign_image(f"xs{line}")))
+        items.append(
+            Item(f"xstest:{line}", kind, _field(path, line, row, "prompt"), "eval", **benign_image(f"xs{line}"))
+        )
     return items
 
 
@@ -159,8 +161,10 @@ def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
     rows = _rows(path)
     if not rows:
         raise UserError(f"{path}: no rows")
-    pairs = [(_field(path, line, row, "prompt"), str((row or {}).get("response", row.get("completion")) or ""))
-             for line, row in rows]  # fmt: skip
+    pairs = [
+        (_field(path, line, row, "prompt"), str((row or {}).get("response", row.get("completion")) or ""))
+        for line, row in rows
+    ]
     for line, row in rows:
         if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
             raise UserError(f"{path}:{line}: missing field 'response' or 'completion'")

@@ -26,9 +26,14 @@ def scan_rows(result: ScanResult) -> list[dict]:
 def write_scan_report(result: ScanResult, out: Path, *, model: str, suite: str, judge: str, default_layer: int) -> None:
     rows = scan_rows(result)
     summary = {
-        "model": model, "suite": suite, "judge": judge, "default_layer": default_layer,
-        "vision_forwards": result.vision_forwards, "images": result.images, "layers": rows,
-    }  # fmt: skip
+        "model": model,
+        "suite": suite,
+        "judge": judge,
+        "default_layer": default_layer,
+        "vision_forwards": result.vision_forwards,
+        "images": result.images,
+        "layers": rows,
+    }
     (out / SCAN_FILE).write_text(json.dumps(summary, indent=2))
     (out / "scan.md").write_text(scan_markdown(rows, model=model, suite=suite, default_layer=default_layer))
     plot_scan(rows, out / "scan.png", title=f"{model} on {suite}", default_layer=default_layer)
@@ -41,13 +46,18 @@ def pct(value: float | None) -> str:
 
 def scan_markdown(rows: list[dict], *, model: str, suite: str, default_layer: int) -> str:
     lines = [
-        f"# ICET scan: {model}", "", f"Suite: {suite}. Percentages with 95% bootstrap intervals; "
-        f"layer {default_layer} is the model's default exit.", "",
-        "| exit layer | ASR % | over-refusal % | utility % |", "|---|---|---|---|",
-    ]  # fmt: skip
+        f"# ICET scan: {model}",
+        "",
+        f"Suite: {suite}. Percentages with 95% bootstrap intervals; layer {default_layer} is the model's default exit.",
+        "",
+        "| exit layer | ASR % | over-refusal % | utility % |",
+        "|---|---|---|---|",
+    ]
     for row in rows:
-        cells = [f"{pct(row.get(m))} [{pct(row.get(f'{m}_ci', [None])[0])}, {pct(row.get(f'{m}_ci', [None, None])[1])}]"
-                 for m in METRICS]  # fmt: skip
+        cells = [
+            f"{pct(row.get(m))} [{pct(row.get(f'{m}_ci', [None])[0])}, {pct(row.get(f'{m}_ci', [None, None])[1])}]"
+            for m in METRICS
+        ]
         marker = " (default)" if row["layer"] == default_layer else ""
         lines.append(f"| {row['layer']}{marker} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -60,9 +60,13 @@ def generate_per_layer(loaded, inputs: dict, layers: Sequence[int], max_new_toke
     out = {}
     for k in layers:
         new_tokens = family.generate(
-            model, family.lm_inputs(model, inputs, features[k]), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, suppress_tokens=[image_token],
-        )  # fmt: skip
+            model,
+            family.lm_inputs(model, inputs, features[k]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[image_token],
+        )
         out[k] = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return out
 
