@@ -314,6 +314,7 @@ def _describe(model, processor, family: Family, exit_layer: int, folder: Path, o
             "head_dim": head_dim(text),
             "hidden_size": text.hidden_size,
             "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_position_embeddings,
             "past_layout": "[batch, num_key_value_heads, past_sequence_length, head_dim]; prefill with length 0",
             "position_ids": "cumsum(attention_mask) - 1 for the tokens being processed",
         },

@@ -8,6 +8,10 @@ DECODER_FILE = "decoder_model_merged.onnx"
 DESCRIPTION_FILE = "edgekit_onnx.json"
 NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT only
 GRAPH_FILES = (VISION_FILE, EMBED_FILE, DECODER_FILE)
+# onnxruntime-genai's files (`edgekit.export.genai`), beside the graphs: its config and an embedding graph that also
+# takes the image features and merges them in, since its pipeline runs vision -> embedding -> decoder with no host step.
+GENAI_CONFIG_FILE = "genai_config.json"
+GENAI_EMBED_FILE = "genai_embedding.onnx"
 
 
 class Names:
@@ -19,6 +23,7 @@ class Names:
     IMAGE_SIZES = "image_sizes"  # processor output, host-side only (LLaVA-NeXT)
     IMAGE_FEATURES = "image_features"
     INPUT_IDS = "input_ids"
+    NUM_IMAGE_TOKENS = "num_image_tokens"  # onnxruntime-genai: sizes the image features; no graph reads it
     INPUTS_EMBEDS = "inputs_embeds"
     ATTENTION_MASK = "attention_mask"
     POSITION_IDS = "position_ids"
@@ -27,9 +32,9 @@ class Names:
     LOGITS = "logits"
 
     @staticmethod
-    def past(layer: int, kind: str) -> str:  # kind: "key" | "value"
+    def past(layer: int | str, kind: str) -> str:  # kind: "key" | "value"; layer "%d": onnxruntime-genai's pattern
         return f"past_key_values.{layer}.{kind}"
 
     @staticmethod
-    def present(layer: int, kind: str) -> str:
+    def present(layer: int | str, kind: str) -> str:
         return f"present.{layer}.{kind}"
