@@ -3,7 +3,7 @@
 encode at each exit layer), its memory read from the kernel's record of that process alone. `edgekit build`
 (`bench_in_subprocess`) and benchmarks/export_bench.py (`lockstep`) both measure here.
 
-    python -m edgekit.devices.bench onnx|gguf|hybrid EXPORT_DIR      # an `edgekit export` folder
+    python -m edgekit.devices.bench onnx|gguf|hybrid|ortgenai EXPORT_DIR  # an `edgekit export` folder
     python -m edgekit.devices.bench pytorch CHECKPOINT --exit-layer K  # a (truncated) HF checkpoint
 
 prints one JSON object: load seconds, median time to first token, median decode tokens/s, peak RSS and the RSS
@@ -87,6 +87,7 @@ class TimedDecode(_Runner):
         "onnx": ("onnxruntime", "transformers", "edgekit.devices.onnx_runtime"),
         "gguf": ("llama_cpp", "llama_cpp.mtmd_cpp", "transformers", "edgekit.devices.llama_runtime"),
         "hybrid": ("onnxruntime", "llama_cpp", "transformers", "edgekit.devices.llama_runtime"),
+        "ortgenai": ("onnxruntime_genai", "transformers", "edgekit.devices.genai_runtime"),
     }
 
     def __init__(self, spec: dict):
@@ -99,7 +100,7 @@ class TimedDecode(_Runner):
             import torch
 
             torch.set_num_threads(threads)
-        if threads and kind in ("gguf", "hybrid"):
+        if threads and kind in ("gguf", "hybrid", "ortgenai"):
             options["n_threads"] = threads
         if threads and kind in ("onnx", "hybrid"):
             options["session_options"] = ort_session_options(threads, spec.get("spin", False))
@@ -334,6 +335,7 @@ def main() -> None:
         serve(sys.argv[2])
         return
     from edgekit.devices.runtime import RUNTIMES
+    from edgekit.errors import UserError
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=RUNTIMES)
@@ -344,17 +346,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.kind == "pytorch" and args.exit_layer is None:
         ap.error("the pytorch runtime needs --exit-layer")
-    print(
-        json.dumps(
-            bench_in_subprocess(
-                args.kind,
-                args.folder,
-                prompts=args.prompts,
-                max_new_tokens=args.max_new_tokens,
-                exit_layer=args.exit_layer,
-            )
+    try:
+        row = bench_in_subprocess(
+            args.kind, args.folder, prompts=args.prompts, max_new_tokens=args.max_new_tokens, exit_layer=args.exit_layer
         )
-    )
+    except RuntimeError as err:  # one line, not a traceback; exit 2 when the request itself was wrong
+        print(f"edgekit.devices.bench: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err.__cause__, UserError) else 1)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

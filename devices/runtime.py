@@ -11,6 +11,8 @@ runtime sets:
 | `onnx`     | the three ONNX graphs in ONNX Runtime (`OnnxVLM`)           | an ONNX folder + the processor      |
 | `gguf`     | LM GGUF + mmproj GGUF through llama.cpp's mtmd              | the two GGUF files + the processor  |
 | `hybrid`   | ONNX vision graph -> image embeddings -> llama.cpp LM GGUF  | ONNX folder + LM GGUF + processor   |
+| `ortgenai` | the ONNX folder in onnxruntime-genai's own generate loop    | ONNX folder with its genai files    |
+|            | (`OrtGenaiRuntime`)                                         | + the processor                     |
 
 The processor (chat template, tokenizer, image preprocessing) is the model's own HF processor; an export folder ships
 it in `processor/`, so `open_runtime(kind, folder)` needs nothing else. `gguf` is the odd one out: llama.cpp
@@ -29,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUNTIMES = ("pytorch", "onnx", "gguf", "hybrid")
+RUNTIMES = ("pytorch", "onnx", "gguf", "hybrid", "ortgenai")
 # What each runtime loads, named as the export manifest's artifacts (pytorch: a checkpoint folder).
 FILES = {
     "pytorch": ("checkpoint",),
     "onnx": ("processor_dir", "onnx_dir"),
     "gguf": ("processor_dir", "lm_gguf", "mmproj_gguf"),
     "hybrid": ("processor_dir", "onnx_dir", "lm_gguf"),
+    "ortgenai": ("processor_dir", "genai_dir"),
 }
 
 
@@ -192,10 +195,12 @@ def export_files(kind: str, folder) -> dict[str, Path]:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         raise UserError(f"{folder}: no {MANIFEST_FILE} (not an edgekit export folder)")
-    art: dict[str, Any] = json.loads(manifest_path.read_text())["artifacts"]
+    manifest = json.loads(manifest_path.read_text())
+    art: dict[str, Any] = manifest["artifacts"]
     missing = [key for key in FILES[kind] if not art.get(key)]
     if missing:
-        raise UserError(f"{folder} has no {', '.join(missing)} for the {kind} runtime")
+        why = manifest.get("unsupported_runtimes", {}).get(kind)
+        raise UserError(f"{folder} has no {', '.join(missing)} for the {kind} runtime" + (f": {why}" if why else ""))
     return {key: folder / art[key] for key in FILES[kind]}
 
 
@@ -213,6 +218,10 @@ def open_files(kind: str, files: Mapping[str, Any], **options) -> Runtime:
         return OnnxRuntime(files["onnx_dir"], processor, **options)
     if kind == "gguf":
         return LlamaCppRuntime(files["lm_gguf"], files["mmproj_gguf"], processor, **options)
+    if kind == "ortgenai":
+        from edgekit.devices.genai_runtime import OrtGenaiRuntime
+
+        return OrtGenaiRuntime(files["genai_dir"], processor, **options)
     return HybridRuntime(files["onnx_dir"], files["lm_gguf"], processor, **options)
 
 

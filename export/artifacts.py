@@ -2,7 +2,8 @@
 
     OUT/
       manifest.json                  sha256 + bytes + format + quantization of every file; exit layer, target, source
-      onnx-k{K}-{scheme}/            vision_encoder / embed_tokens / decoder_model_merged .onnx + edgekit_onnx.json
+      onnx-k{K}-{scheme}/            vision_encoder / embed_tokens / decoder_model_merged .onnx + edgekit_onnx.json;
+                                     + genai_config.json, genai_embedding.onnx for onnxruntime-genai (LLaVA-1.5)
       lm-{qtype}.gguf                language model for llama.cpp (families llama.cpp runs)
       mmproj-k{K}-{qtype}.gguf       vision tower cut at K + projector, for llama.cpp's mtmd (LLaVA-1.5)
       processor/                     the HF processor (tokenizer, image processor, chat template) the runtimes use
@@ -17,7 +18,8 @@ Per family, as the family table says (`gguf_language_model`, `gguf_projector`): 
 LLaVA-NeXT gets the ONNX folder and the LM GGUF but no mmproj: edgekit's mmproj writer has no anyres (image grid
 pinpoints, image_newline) support, and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid
 runtime (ONNX vision, which packs anyres tiles exactly, + llama.cpp LM) runs it. Llama 3.2 Vision: ONNX only
-(llama.cpp has no support for it).
+(llama.cpp has no support for it). onnxruntime-genai's files (`edgekit.export.genai`, runtime set `ortgenai`) are
+written unless the family table says why not (`ortgenai_unsupported`); the manifest records that reason.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
+from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
 from edgekit.model.surgery import check_exit_layer, num_exit_layers, set_exit_layer
 from edgekit.outputs import atomic_dir, check_output_dir, save_processor
@@ -51,7 +54,7 @@ CALIBRATION_PROMPTS = (
 class RuntimeSet:
     """The files one runtime loads on the device, and their total size."""
 
-    name: str  # onnx | gguf | hybrid
+    name: str  # onnx | gguf | hybrid | ortgenai
     paths: tuple[str, ...]
     bytes: int
 
@@ -128,7 +131,7 @@ def export_artifacts(
     check_output_dir(out_dir, overwrite)
     entries: list[FileEntry] = []
     notes: list[str] = []
-    onnx_dir = lm_name = mmproj_name = None
+    onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
         work = tmp / _WORK_DIR
         work.mkdir()
@@ -136,6 +139,11 @@ def export_artifacts(
         if "onnx" in formats:
             onnx_dir = f"onnx-k{exit_layer}-{scheme}"
             _write_onnx(loaded, exit_layer, profile, scheme, tmp / onnx_dir, work, calibration_inputs)
+            if not family.ortgenai_unsupported:
+                from edgekit.export.genai import write_genai
+
+                write_genai(tmp / onnx_dir)
+                genai_dir = onnx_dir
             entries += [
                 file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
                 for p in sorted((tmp / onnx_dir).iterdir())
@@ -155,7 +163,7 @@ def export_artifacts(
                 )
         shutil.rmtree(work)
         entries += _write_processor(loaded, tmp / PROCESSOR_DIR)
-        sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name)
+        sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name, genai_dir)
         largest = max(sets, key=lambda s: s.bytes)
         if largest.bytes > profile.memory_budget_bytes:
             size, budget = (human_bytes(n, "decimal") for n in (largest.bytes, profile.memory_budget_bytes))
@@ -177,8 +185,10 @@ def export_artifacts(
                 "onnx_dir": onnx_dir,
                 "lm_gguf": lm_name,
                 "mmproj_gguf": mmproj_name,
+                "genai_dir": genai_dir,
                 "processor_dir": PROCESSOR_DIR,
             },
+            "unsupported_runtimes": {"ortgenai": family.ortgenai_unsupported} if family.ortgenai_unsupported else {},
             "memory": {
                 "budget_bytes": profile.memory_budget_bytes,
                 "largest_set": largest.name,
@@ -271,16 +281,21 @@ def _write_processor(loaded, out: Path) -> list[FileEntry]:
     return [file_entry(out.parent, p, "processor", "none") for p in sorted(out.rglob("*")) if p.is_file()]
 
 
-def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name) -> list[RuntimeSet]:
+def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name, genai_dir) -> list[RuntimeSet]:
     size = {e.path: e.bytes for e in entries}
     candidates: list[tuple[str, list[str]]] = []
     if onnx_dir:
-        candidates.append(("onnx", [p for p in size if p.startswith(f"{onnx_dir}/") and p.endswith((".onnx", ".npy"))]))
+        in_onnx = [p for p in size if p.startswith(f"{onnx_dir}/") and p.endswith((".onnx", ".npy"))]
+        candidates.append(("onnx", [p for p in in_onnx if not p.endswith(f"/{GENAI_EMBED_FILE}")]))
     if lm_name and mmproj_name:
         candidates.append(("gguf", [lm_name, mmproj_name]))
     if lm_name and onnx_dir:
         vision = [p for p in size if p.startswith(f"{onnx_dir}/vision_encoder") or p.endswith(".npy")]
         candidates.append(("hybrid", [*vision, lm_name]))
+    if genai_dir:
+        candidates.append(
+            ("ortgenai", [f"{genai_dir}/{name}" for name in (VISION_FILE, GENAI_EMBED_FILE, DECODER_FILE)])
+        )
     if not candidates and lm_name:
         candidates.append(("gguf", [lm_name]))
     return [RuntimeSet(name, tuple(sorted(paths)), sum(size[p] for p in paths)) for name, paths in candidates]

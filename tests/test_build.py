@@ -81,7 +81,7 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
         assert record["stage"] == stage and len(record["output_sha256"]) == 64
     manifest = json.loads((built / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is True
-    assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "gguf", "hybrid"}
+    assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "gguf", "hybrid", "ortgenai"}
     listed = {f["path"] for f in manifest["files"]}
     on_disk = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()} - {MANIFEST_FILE}
     assert listed == on_disk
@@ -228,7 +228,11 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
     assert found and float(found[1]) >= 50 and float(found[2]) <= 10, err[-500:]
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is False
-    assert {a["artifact"]: a["passed"] for a in manifest["gate"]["artifacts"]} == {"pytorch": False, "onnx": False}
+    assert {a["artifact"]: a["passed"] for a in manifest["gate"]["artifacts"]} == {
+        "pytorch": False,
+        "onnx": False,
+        "ortgenai": False,
+    }
 
 
 def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkpoints, tmp_path):

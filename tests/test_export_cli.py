@@ -135,7 +135,7 @@ def test_cli_export_jetson(jetson_export, tiny_checkpoints):
     assert by_path[f"{onnx_dir}/vision_encoder.onnx"].quantization == "fp16" and by_path[lm].format == "gguf"
     assert not [p for p in out.rglob("*") if ".work" in p.parts or p.name.endswith(".partial")]
     assert m["memory"]["largest_set_bytes"] == max(s["bytes"] for s in m["memory"]["sets"].values())
-    assert set(m["memory"]["sets"]) == {"onnx", "gguf", "hybrid"}
+    assert set(m["memory"]["sets"]) == {"onnx", "gguf", "hybrid", "ortgenai"}
 
     # GGUF: K-quant recipe from llama.cpp's quantizer; the mmproj runs exactly k blocks and taps block k
     assert _field(out / lm, gguf_lib.Keys.General.FILE_TYPE) == gguf_lib.LlamaFileType.MOSTLY_Q4_K_M
@@ -162,14 +162,15 @@ def test_export_phone_profile_and_llava_next(tiny_checkpoints, tmp_path):
     assert _field(result.folder / result.lm_gguf, gguf_lib.Keys.General.FILE_TYPE) == gguf_lib.LlamaFileType.MOSTLY_Q4_0
     assert num_exit_layers(loaded.model) == 24 and len(loaded.model.model.vision_tower.encoder.layers) == 5
     int4 = export_artifacts(loaded, 5, phone, tmp_path / "int4", formats=("onnx",), onnx_quantization="int4")
-    assert int4.lm_gguf is None and [s.name for s in int4.runtime_sets] == ["onnx"]
+    assert int4.lm_gguf is None and [s.name for s in int4.runtime_sets] == ["onnx", "ortgenai"]
     assert json.loads((int4.folder / int4.onnx_dir / DESCRIPTION_FILE).read_text())["quantization"]["scheme"] == "int4"
 
     # LLaVA-NeXT: LM GGUF, no mmproj (anyres is not in the mmproj writer): the hybrid set runs it
     nxt = load(tiny_checkpoints["llava_next"], dtype="float32")
     result = export_artifacts(nxt, K, load_profile("jetson-agx-orin"), tmp_path / "next", nthread=2)
     assert result.mmproj_gguf is None and result.lm_gguf and result.notes
-    assert {s.name for s in result.runtime_sets} == {"onnx", "hybrid"}
+    assert {s.name for s in result.runtime_sets} == {"onnx", "hybrid"}  # no ortgenai: the packing is host-side
+    assert "anyres" in read_manifest(result.folder)["unsupported_runtimes"]["ortgenai"]
     assert any(p.endswith("image_newline.npy") for s in result.runtime_sets if s.name == "hybrid" for p in s.paths)
     assert verify_hashes(result.folder) == []
 

@@ -191,7 +191,7 @@ def test_open_runtime_errors(tiny, tmp_path):
 def test_timed_runs_the_same_steps_in_every_runtime(tiny, tiny_checkpoints):
     """Every runtime opens by its name (pytorch over a checkpoint) and times a fixed amount of work."""
     _, folder, _, reference = tiny
-    options = {"pytorch": {"exit_layer": K}, "onnx": {}, "gguf": LLAMA, "hybrid": LLAMA}
+    options = {"pytorch": {"exit_layer": K}, "onnx": {}, "gguf": LLAMA, "hybrid": LLAMA, "ortgenai": {}}
     for kind in RUNTIMES:
         runtime = open_runtime(kind, tiny_checkpoints["llava"] if kind == "pytorch" else folder, **options[kind])
         run = runtime.timed(PROMPTS[0], 5)

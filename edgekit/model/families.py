@@ -67,6 +67,8 @@ class Family:
     # vision_tokens_per_tile and cross_attention_lm_inputs (cross_attention).
     anyres: ClassVar[bool] = False  # images are a base tile plus a grid of tiles, packed with newline embeddings
     cross_attention: ClassVar[bool] = False  # the image reaches the LM through cross-attention, not image tokens
+    # Why onnxruntime-genai cannot run the ONNX folder (None: it can, and the export writes its files).
+    ortgenai_unsupported: ClassVar[str | None] = None
     preprocessing_keys: ClassVar[tuple[str, ...]] = ()  # image-processor settings only this family has
     # ONNX vision graph: its inputs (processor output names) with their dynamic axes, then the image features' axes
     onnx_vision_axes: ClassVar[dict[str, dict[int, str]]] = {"pixel_values": {0: "num_tiles"}}
@@ -181,6 +183,7 @@ class LlavaNextFamily(Family):
     """Anyres: the tower sees the base image plus tiles; features are unpadded and packed with newline tokens."""
 
     anyres = True
+    ortgenai_unsupported = "its anyres packing runs on the host, where onnxruntime-genai has no step (see README)"
     preprocessing_keys = ("image_grid_pinpoints",)
 
     def image_newline(self, model) -> torch.Tensor:
@@ -254,6 +257,7 @@ class MllamaFamily(Family):
     """Llama 3.2 Vision: exit k cuts the local stack; the global stack and the taps are kept (see module doc)."""
 
     cross_attention = True
+    ortgenai_unsupported = "onnxruntime-genai runs no cross-attention decoder (see README)"
     preprocessing_keys = ("max_image_tiles",)
     onnx_vision_axes = {
         name: {0: "batch_size", 1: "num_images"} for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
