@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edgekit.devices.bench import bench_in_subprocess
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.devices.profiles import load_profile
 from edgekit.devices.runtime import Prompt, open_runtime, processor_inputs
@@ -87,11 +88,15 @@ def test_quantized_folders_run(llava, scheme, tmp_path):
     assert got == [onnx.generate(p, MAX_NEW_TOKENS) for p in PROMPTS]
 
 
-def test_merged_embedding_equals_host_merge(llava, tmp_path):
+@pytest.fixture(scope="module")
+def fp32_k12(llava, tmp_path_factory):
+    return _export(llava, 12, tmp_path_factory.mktemp("genai") / "fp32")
+
+
+def test_merged_embedding_equals_host_merge(llava, fp32_k12):
     """genai_embedding.onnx places the image features exactly where edgekit's host merge does, and merges nothing
     when the features are empty (every decode step)."""
-    result = _export(llava, 12, tmp_path / "fp32")
-    folder = result.folder / result.onnx_dir
+    folder = fp32_k12.folder / fp32_k12.onnx_dir
     vlm = OnnxVLM(folder)
     inputs = processor_inputs(llava.processor, PROMPTS[0])
     input_ids = inputs[Names.INPUT_IDS].numpy()
@@ -108,6 +113,13 @@ def test_merged_embedding_equals_host_merge(llava, tmp_path):
     config = json.loads((folder / GENAI_CONFIG_FILE).read_text())
     assert config["model"]["embedding"]["filename"] == GENAI_EMBED_FILE
     assert config["search"]["past_present_share_buffer"] is False
+
+
+def test_bench_measures_ortgenai_in_its_own_process(fp32_k12):
+    row = bench_in_subprocess("ortgenai", fp32_k12.folder, prompts=2, max_new_tokens=4)
+    print(f"bench ortgenai: {row}")
+    assert row["runtime"] == "ortgenai" and row["prompts"] == 2 and row["first_token_ms"] > 0
+    assert row["decode_tok_s"] > 0 and 0 < row["baseline_rss_mib"] <= row["peak_rss_mib"]
 
 
 def test_mllama_is_refused_in_one_line(tiny_checkpoints, tmp_path):
