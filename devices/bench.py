@@ -37,6 +37,8 @@ from pathlib import Path
 
 COMMAND = [sys.executable, "-m", "edgekit.devices.bench", "_serve"]  # + a spec's path: a measurement process
 _REPLY = "@@"  # marks the harness's lines on the measurement process's stdout
+# The device processor's libraries: every runtime but pytorch imports them before its weights.
+_PROCESSOR = ("tokenizers", "jinja2", "PIL.Image", "edgekit.devices.processor")
 
 
 def status_mib(field: str) -> float:
@@ -84,10 +86,10 @@ class TimedDecode(_Runner):
 
     IMPORTS = {
         "pytorch": ("edgekit.devices.torch_runtime", "edgekit.model.loading"),
-        "onnx": ("onnxruntime", "transformers", "edgekit.devices.onnx_runtime"),
-        "gguf": ("llama_cpp", "llama_cpp.mtmd_cpp", "transformers", "edgekit.devices.llama_runtime"),
-        "hybrid": ("onnxruntime", "llama_cpp", "transformers", "edgekit.devices.llama_runtime"),
-        "ortgenai": ("onnxruntime_genai", "transformers", "edgekit.devices.genai_runtime"),
+        "onnx": ("onnxruntime", *_PROCESSOR, "edgekit.devices.onnx_runtime"),
+        "gguf": ("llama_cpp", "llama_cpp.mtmd_cpp", *_PROCESSOR, "edgekit.devices.llama_runtime"),
+        "hybrid": ("onnxruntime", "llama_cpp", *_PROCESSOR, "edgekit.devices.llama_runtime"),
+        "ortgenai": ("onnxruntime_genai", *_PROCESSOR, "edgekit.devices.genai_runtime"),
     }
 
     def __init__(self, spec: dict):

@@ -1,10 +1,10 @@
 """The `ortgenai` runtime: an ONNX folder with its onnxruntime-genai files (`edgekit.export.genai`) run by
 onnxruntime-genai's own generate loop, the one an app embeds through its C, Java or C# API.
 
-onnxruntime-genai has no LLaVA prompt processor, so the host does what the app would: the model's processor makes
-`input_ids` (image token expanded) and `pixel_values`, and `Generator.set_inputs` takes them with `num_image_tokens`,
-which sizes the vision graph's output. Vision, merge, prefill and decoding all run inside onnxruntime-genai.
-numpy, onnxruntime-genai and the processor only: no torch.
+onnxruntime-genai has no LLaVA prompt processor, so the host does what the app would: the device processor
+(`edgekit.devices.processor`) makes `input_ids` (image token expanded) and `pixel_values`, and `Generator.set_inputs`
+takes them with `num_image_tokens`, which sizes the vision graph's output. Vision, merge, prefill and decoding all
+run inside onnxruntime-genai. numpy, onnxruntime-genai and the device processor only: no torch, no transformers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.devices.runtime import Prompt, Runtime, chat_text, phases, until_eos
+from edgekit.devices.runtime import Prompt, Runtime, phases, until_eos
 from edgekit.export.onnx_format import DESCRIPTION_FILE, GENAI_CONFIG_FILE, Names
 
 
@@ -40,7 +40,7 @@ class OrtGenaiRuntime(Runtime):
 
     def _generator(self, prompt: Prompt, new_tokens: int, ignore_eos: bool = False):
         """A generator over the prompt, not yet run; its prompt length."""
-        inputs = self.processor(images=prompt.image, text=chat_text(self.processor, prompt.text), return_tensors="np")
+        inputs = self.inputs(prompt)
         input_ids = np.asarray(inputs[Names.INPUT_IDS], dtype=np.int32)
         named = self.og.NamedTensors()
         named[Names.INPUT_IDS] = input_ids

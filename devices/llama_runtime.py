@@ -9,7 +9,7 @@ by llama.cpp's own vision path (mtmd + an mmproj GGUF) or by image embeddings co
   (ggml-org/llama.cpp#25814), so its image embeddings differ from transformers': measure it, never assume parity.
 - `HybridVLM`: the ONNX vision graph (`edgekit.devices.onnx_runtime.OnnxVLM`) computes the image features exactly as
   transformers does; they go to llama.cpp's decoder as embeddings at the image-token positions, and the prompt's
-  other tokens (from the HF processor) as ordinary tokens. This sidesteps the upstream CLS-ordering bug.
+  other tokens (from the processor) as ordinary tokens. This sidesteps the upstream CLS-ordering bug.
 """
 
 from __future__ import annotations

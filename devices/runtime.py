@@ -14,11 +14,14 @@ runtime sets:
 | `ortgenai` | the ONNX folder in onnxruntime-genai's own generate loop    | ONNX folder with its genai files    |
 |            | (`OrtGenaiRuntime`)                                         | + the processor                     |
 
-The processor (chat template, tokenizer, image preprocessing) is the model's own HF processor; an export folder ships
-it in `processor/`, so `open_runtime(kind, folder)` needs nothing else. `gguf` is the odd one out: llama.cpp
-tokenizes the text and preprocesses the image itself (its prompt is the same chat-templated text with mtmd's marker
-where the image goes), so its tokens can differ from the others' even before the known CLS-ordering bug.
-This module imports neither torch nor the runtimes' libraries; each runtime imports its own when it is built.
+The processor (chat template, tokenizer, image preprocessing) is built from the export's `processor/` folder by
+`edgekit.devices.processor.DeviceProcessor` (numpy, tokenizers, jinja2, Pillow: what transformers' processor does,
+without torch or transformers), so `open_runtime(kind, folder)` needs the artifact folder alone; `pytorch` keeps the
+model's own HF processor. `gguf` is the odd one out: llama.cpp tokenizes the text and preprocesses the image itself
+(its prompt is the same chat-templated text with mtmd's marker where the image goes), so its tokens can differ from
+the others' even before the known CLS-ordering bug.
+This module imports neither torch nor the runtimes' libraries; each runtime imports its own when it is built. The
+runtimes take either processor (the HF one gives the reference inputs in tests).
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ def chat_text(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def processor_inputs(processor, prompt: Prompt) -> dict:
-    """What the HF processor makes of the prompt (tensors), as PyTorch, ONNX and hybrid consume it."""
-    return dict(processor(images=prompt.image, text=chat_text(processor, prompt.text), return_tensors="pt"))
+def processor_inputs(processor, prompt: Prompt, return_tensors: str = "pt") -> dict:
+    """What the processor makes of the prompt: torch tensors for PyTorch, numpy arrays ("np") for the others."""
+    return dict(processor(images=prompt.image, text=chat_text(processor, prompt.text), return_tensors=return_tensors))
 
 
 def until_eos(tokens, eos: Sequence[int]) -> list[int]:
@@ -86,6 +89,10 @@ class Runtime(ABC):
     def __init__(self, processor):
         self.processor = processor
 
+    def inputs(self, prompt: Prompt) -> dict:
+        """The prompt as numpy arrays, as ONNX Runtime and the hybrid consume it."""
+        return processor_inputs(self.processor, prompt, "np")
+
     @abstractmethod
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
         """Greedy new tokens, up to and including the first end-of-sequence token."""
@@ -112,10 +119,10 @@ class OnnxRuntime(Runtime):
         self.eos = list(self.vlm.config["eos_token_ids"])
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
-        return until_eos(self.vlm.generate(processor_inputs(self.processor, prompt), max_new_tokens)[0], self.eos)
+        return until_eos(self.vlm.generate(self.inputs(prompt), max_new_tokens)[0], self.eos)
 
     def timed(self, prompt: Prompt, steps: int) -> dict:
-        inputs = processor_inputs(self.processor, prompt)
+        inputs = self.inputs(prompt)
         start = time.perf_counter()
         features = self.vlm.image_features(inputs)
         vision_end = time.perf_counter()
@@ -168,10 +175,10 @@ class HybridRuntime(Runtime):
         self.vlm.vision.vision  # noqa: B018  open the vision session now
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
-        return self.vlm.generate(processor_inputs(self.processor, prompt), max_new_tokens)
+        return self.vlm.generate(self.inputs(prompt), max_new_tokens)
 
     def timed(self, prompt: Prompt, steps: int) -> dict:
-        inputs = processor_inputs(self.processor, prompt)
+        inputs = self.inputs(prompt)
         start = time.perf_counter()
         features = self.vlm.vision.image_features(inputs)
         vision_end = time.perf_counter()
@@ -211,9 +218,9 @@ def open_files(kind: str, files: Mapping[str, Any], **options) -> Runtime:
         from edgekit.model.loading import load
 
         return TorchRuntime(load(files["checkpoint"], dtype=options.pop("dtype", "float32")), **options)
-    from transformers import AutoProcessor
+    from edgekit.devices.processor import DeviceProcessor
 
-    processor = AutoProcessor.from_pretrained(files["processor_dir"])
+    processor = DeviceProcessor(files["processor_dir"])
     if kind == "onnx":
         return OnnxRuntime(files["onnx_dir"], processor, **options)
     if kind == "gguf":
