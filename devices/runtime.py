@@ -211,6 +211,23 @@ def export_files(kind: str, folder) -> dict[str, Path]:
     return {key: folder / art[key] for key in FILES[kind]}
 
 
+def open_processor(folder):
+    """The device processor over an export's `processor/` folder. A family it does not handle yet (LLaVA-NeXT, Mllama)
+    gets transformers' processor where transformers is installed (the build machine, so their builds still gate);
+    on a device without it, the device processor's one-line refusal stands."""
+    from edgekit.devices.processor import DeviceProcessor
+    from edgekit.errors import UserError
+
+    try:
+        return DeviceProcessor(folder)
+    except UserError as refusal:
+        try:
+            from transformers import AutoProcessor
+        except ImportError:
+            raise refusal from None
+        return AutoProcessor.from_pretrained(folder)
+
+
 def open_files(kind: str, files: Mapping[str, Any], **options) -> Runtime:
     """Runtime `kind` over its FILES; `options` go to its constructor (pytorch: `exit_layer`, required)."""
     if kind == "pytorch":
@@ -218,9 +235,7 @@ def open_files(kind: str, files: Mapping[str, Any], **options) -> Runtime:
         from edgekit.model.loading import load
 
         return TorchRuntime(load(files["checkpoint"], dtype=options.pop("dtype", "float32")), **options)
-    from edgekit.devices.processor import DeviceProcessor
-
-    processor = DeviceProcessor(files["processor_dir"])
+    processor = open_processor(files["processor_dir"])
     if kind == "onnx":
         return OnnxRuntime(files["onnx_dir"], processor, **options)
     if kind == "gguf":

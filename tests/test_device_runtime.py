@@ -30,6 +30,7 @@ from edgekit.devices.runtime import (
     Prompt,
     chat_text,
     export_files,
+    open_processor,
     until_eos,
 )
 from edgekit.devices.torch_runtime import TorchRuntime
@@ -160,8 +161,36 @@ def test_device_runtimes_answer_without_torch_as_before(f32, tmp_path):
             assert [until_eos(g, torch_rt.eos) for g in got] == pytorch, kind
 
 
+_REFUSED = """
+import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(name)
+
+sys.meta_path.insert(0, Refuse())
+from edgekit.devices.runtime import open_processor
+from edgekit.errors import UserError
+
+try:
+    open_processor(sys.argv[1])
+except UserError as err:
+    print(err)
+"""
+
+
 @pytest.mark.parametrize("family", ["llava_next", "mllama"])
-def test_other_processors_are_refused_in_one_line(tiny_checkpoints, family):
+def test_other_families_refused_on_a_device_in_one_line(tiny_checkpoints, family):
+    """Without transformers (a device) a family the device processor does not handle is one line; with it (the
+    build machine) transformers' processor takes over, so those builds still gate."""
+    folder = tiny_checkpoints[family]
     with pytest.raises(UserError, match="handles LLaVA-1.5") as err:
-        DeviceProcessor(tiny_checkpoints[family])
+        DeviceProcessor(folder)
     assert "\n" not in str(err.value)
+    done = subprocess.run([sys.executable, "-c", _REFUSED, folder], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(err.value), done.stderr[-2000:]
+    assert (
+        type(open_processor(folder)).__name__
+        == {"llava_next": "LlavaNextProcessor", "mllama": "MllamaProcessor"}[family]
+    )
