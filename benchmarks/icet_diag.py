@@ -1,0 +1,328 @@
+"""ICET diagnostic in seconds: how far each exit layer's image tokens sit from the default layer's, and which way the
+language model's first answer token leans there, per item kind. Trains nothing; screens recipes before a full scan.
+
+    python benchmarks/icet_diag.py [MODEL] [--layers all] [--limit-per-kind N] [--reference-per-kind 32]
+        [--refusal TEXT --compliance TEXT] [--out docs/icet-diag.json] [--plot docs/icet-diag.png]
+
+Per exit layer k, on the eval split of the built-in suite (MODEL: a LLaVA-1.5 or LLaVA-NeXT checkpoint; the demo
+model when omitted), from one tower forward per batch (`features_per_layer`) and one language-model forward per layer:
+- norm ratio: mean L2 norm of the projected image tokens at k over the same at the default layer D (23 for LLaVA-1.5);
+- cosine: mean cosine, token by token, between a picture's projected tokens at k and at D;
+- distance: mean per-token Mahalanobis distance under D's statistics, fitted on D's tokens of train-split pictures
+  (disjoint from eval), divided by the same mean over those reference tokens themselves: about 1 in distribution.
+  Mahalanobis rather than a per-dimension z-score because projected tokens are strongly correlated and lie near a
+  low-dimensional subspace: a token off that subspace is far even when every coordinate is in range, which only the
+  covariance sees. The covariance is shrunk toward a scaled identity by the Ledoit-Wolf estimate, because the sample
+  one is singular or nearly so (the projector's rank, and 128 pictures x 576 tokens against 4,096 dimensions in
+  LLaVA-1.5-7B) and the right amount depends on tokens per dimension, which differs by model.
+- refusal margin, per item kind: log p(refusal token) - log p(compliance token) at the first position where the
+  model's refusals and compliances part, after their shared prefix (the demo model's "sorry ..." and "sure ..." share
+  "s"); > 0 leans to refusing. The two answers are the model's own: greedy answers at D to the suite's requests
+  (utility questions excluded: their answers depend on the picture), labelled by the refusal judge; at each position
+  the most common next token of each side is followed until they differ. So the margin reads the model's usual
+  opening of each answer, not its whole refusal mass; `--refusal/--compliance` give the two answers instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from edgekit.devices.runtime import until_eos
+from edgekit.model.families import eos_ids
+from edgekit.model.loading import load
+from edgekit.model.surgery import num_exit_layers
+from edgekit.safety.judges import RefusalJudge
+from edgekit.safety.scan import chat_inputs, parse_layers
+from edgekit.safety.suite import KINDS, builtin_suite
+
+REQUEST_KINDS = tuple(k for k in KINDS if k != "utility")
+
+
+# --- the maths: pure functions -----------------------------------------------------------------------------------
+class Decision(NamedTuple):
+    prefix: list[int]  # tokens both answers start with, fed before the decision position
+    refusal: int
+    compliance: int
+
+
+def decision_tokens(refusals: list[list[int]], compliances: list[list[int]]) -> Decision:
+    """Follow the most common next token of each side (ties: the first seen) from the start until the sides differ."""
+    prefix: list[int] = []
+    while True:
+        depth = len(prefix)
+        r_next = Counter(a[depth] for a in refusals if len(a) > depth and a[:depth] == prefix)
+        c_next = Counter(a[depth] for a in compliances if len(a) > depth and a[:depth] == prefix)
+        if not r_next or not c_next:
+            raise ValueError(f"refusals and compliances never part: both are {prefix} or one side is missing")
+        r, c = r_next.most_common(1)[0][0], c_next.most_common(1)[0][0]
+        if r != c:
+            return Decision(prefix, r, c)
+        prefix.append(r)
+
+
+def refusal_margin(logits: torch.Tensor, decision: Decision) -> torch.Tensor:
+    """log p(refusal) - log p(compliance) per row of next-token logits (the normaliser cancels)."""
+    return logits[:, decision.refusal].float() - logits[:, decision.compliance].float()
+
+
+def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Shrunk covariance (1 - a) S + a (tr S / d) I of rows x, a by Ledoit-Wolf's estimate (as scikit-learn's)."""
+    n, d = x.shape
+    xc = x.double() - x.double().mean(0)
+    s = xc.T @ xc / n
+    mu = s.trace() / d
+    delta = (s - mu * torch.eye(d, dtype=s.dtype)).square().sum()
+    beta = ((xc.square().sum(1).square().mean() - s.square().sum()) / n).clamp(min=0)
+    a = 1.0 if delta == 0 else float(torch.minimum(beta, delta) / delta)
+    return (1 - a) * s + a * mu * torch.eye(d, dtype=s.dtype), a
+
+
+class Reference(NamedTuple):
+    mean: torch.Tensor
+    chol: torch.Tensor  # lower Cholesky factor of the shrunk covariance
+    shrinkage: float
+    tokens: int
+    distance: float  # mean Mahalanobis distance of the reference tokens themselves
+
+
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """Per-row sqrt((x - mean)^T C^-1 (x - mean)) with C = chol chol^T."""
+    z = torch.linalg.solve_triangular(chol, (x.double() - mean).T, upper=False)
+    return z.square().sum(0).sqrt()
+
+
+def fit_reference(tokens: torch.Tensor) -> Reference:
+    cov, a = ledoit_wolf(tokens)
+    mean, chol = tokens.double().mean(0), torch.linalg.cholesky(cov)
+    return Reference(mean, chol, a, len(tokens), float(mahalanobis(tokens, mean, chol).mean()))
+
+
+def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+
+
+def layer_row(layer: int, norms, norms_default, cos, dist, reference: Reference, margins: dict) -> dict:
+    """One table row from per-token norms, cosines and distances and per-kind margins (1-D tensors)."""
+    return {
+        "layer": layer,
+        "norm_ratio": float(norms.mean() / norms_default.mean()),
+        "cosine": float(cos.mean()),
+        "distance": float(dist.mean()),
+        "distance_ratio": float(dist.mean() / reference.distance),
+        "margin": {kind: float(m.mean()) for kind, m in margins.items()},
+        "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
+    }
+
+
+# --- the model passes ---------------------------------------------------------------------------------------------
+def batches(items, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def flat(features: torch.Tensor) -> torch.Tensor:
+    return features.reshape(-1, features.shape[-1]).float()
+
+
+@torch.no_grad()
+def fit_reference_on(loaded, items, batch_size: int) -> Reference:
+    model, family = loaded.model, loaded.family
+    default = family.default_exit(model.config)
+    tokens = [
+        flat(family.features_per_layer(model, chat_inputs(loaded.processor, b), [default])[default])
+        for b in batches(items, batch_size)
+    ]
+    return fit_reference(torch.cat(tokens))
+
+
+@torch.no_grad()
+def own_answers(loaded, items, batch_size: int, max_new_tokens: int = 24) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the greedy answers at the default layer that the refusal judge calls refusals, then the rest."""
+    model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
+    default, eos, judge = family.default_exit(model.config), eos_ids(model), RefusalJudge()
+    refusals, compliances = [], []
+    for batch in batches(items, batch_size):
+        inputs = chat_inputs(loaded.processor, batch)
+        features = family.features_per_layer(model, inputs, [default])[default]
+        new = family.generate(
+            model,
+            family.lm_inputs(model, inputs, features),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[family.image_token_id(model.config)],
+        )
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for ids, verdict in zip(new.tolist(), judge.judge([i.prompt for i in batch], texts)):
+            (refusals if verdict.label == "refusal" else compliances).append(until_eos(ids, eos))
+    return refusals, compliances
+
+
+@torch.no_grad()
+def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+    """Next-token logits after the prompt (image = `features`) and the answers' shared prefix."""
+    lm = family.lm_inputs(model, inputs, features)
+    embeds, mask = lm["inputs_embeds"], lm["attention_mask"]
+    if prefix:
+        ids = torch.tensor([prefix] * len(embeds))
+        embeds = torch.cat([embeds, model.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([mask, torch.ones_like(ids, dtype=mask.dtype)], 1)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() numbers left-padded prompts
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def diagnose(loaded, items, layers: list[int], reference: Reference, decision: Decision, batch_size: int) -> list[dict]:
+    """Per exit layer (the default one always included): the row of `layer_row`."""
+    model, family = loaded.model, loaded.family
+    default = family.default_exit(model.config)
+    layers = sorted(set(layers) | {default})
+    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in layers}
+    for batch in batches(items, batch_size):
+        inputs = chat_inputs(loaded.processor, batch)
+        features = family.features_per_layer(model, inputs, layers)
+        at_default = flat(features[default])
+        for k in layers:
+            tokens = flat(features[k])
+            per[k]["norm"].append(tokens.double().norm(dim=-1))
+            per[k]["cos"].append(cosines(tokens, at_default))
+            per[k]["dist"].append(mahalanobis(tokens, reference.mean, reference.chol))
+            logits = decision_logits(model, family, inputs, features[k], decision.prefix)
+            per[k]["margin"].append(refusal_margin(logits, decision))
+    kinds = [i.kind for i in items]
+    rows = []
+    for k in layers:
+        norms, cos, dist, margin = (torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin"))
+        by_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
+        norms_default = torch.cat(per[default]["norm"])
+        rows.append(layer_row(k, norms, norms_default, cos, dist, reference, by_kind))
+    return rows
+
+
+def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, answers: tuple[str, str] | None,
+        batch_size: int = 64) -> dict:  # fmt: skip
+    """The whole diagnostic: reference statistics, decision tokens, then the per-layer rows."""
+    if loaded.family.cross_attention:
+        raise SystemExit(f"{loaded.family.name}: the image reaches the language model by cross-attention, not tokens")
+    start = time.perf_counter()
+    suite, tokenizer = builtin_suite(), loaded.processor.tokenizer
+    items = suite.select("eval", limit_per_kind=limit)
+    reference = fit_reference_on(loaded, suite.select("train", limit_per_kind=reference_per_kind), batch_size)
+    if answers:
+        source = "given"
+        refusals, compliances = ([tokenizer(text, add_special_tokens=False).input_ids] for text in answers)
+    else:
+        source = "greedy answers at the default layer to the eval requests, labelled by the refusal judge"
+        refusals, compliances = own_answers(loaded, [i for i in items if i.kind in REQUEST_KINDS], batch_size)
+    try:
+        decision = decision_tokens(refusals, compliances)
+    except ValueError as err:
+        raise SystemExit(
+            f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
+        ) from None
+    rows = diagnose(loaded, items, layers, reference, decision, batch_size)
+    names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
+    return {
+        "model": loaded.source,
+        "default_layer": loaded.family.default_exit(loaded.model.config),
+        "items": dict(Counter(i.kind for i in items)),
+        "decision": {
+            "source": source,
+            "prefix": names[:-2],
+            "refusal": names[-2],
+            "compliance": names[-1],
+            "answers": {"refusals": len(refusals), "compliances": len(compliances)},
+        },
+        "reference": {
+            "split": "train",
+            "images": len(suite.select("train", limit_per_kind=reference_per_kind)),
+            "tokens": reference.tokens,
+            "shrinkage": reference.shrinkage,
+            "distance": reference.distance,
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+        "layers": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    kinds = list(report["items"])
+    default = report["default_layer"]
+    head = f"| layer | norm / L{default} | cos to L{default} | distance / ref | " + " | ".join(kinds) + " |"
+    lines = [head, "|---" * (4 + len(kinds)) + "|"]
+    for row in report["layers"]:
+        cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
+        cells += [f"{row['margin'][k]:+.2f} ({100 * row['refuse_share'][k]:.0f}%)" for k in kinds]
+        label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, default = report["layers"], report["default_layer"]
+    x = [r["layer"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    left.plot(x, [r["norm_ratio"] for r in rows], marker="o", label=f"norm / L{default}")
+    left.plot(x, [r["cosine"] for r in rows], marker="o", label=f"cosine to L{default}")
+    left.plot(x, [r["distance_ratio"] for r in rows], marker="o", label="Mahalanobis distance / reference")
+    left.set(title="projected image tokens", xlabel="vision exit layer", yscale="log")
+    for i, kind in enumerate(report["items"]):
+        right.plot(x, [r["margin"][kind] for r in rows], marker="o", color=f"C{i}", label=kind)
+    right.axhline(0, color="black", linewidth=0.8)
+    d = report["decision"]
+    right.set(title=f"first-token refusal margin ({d['refusal']!r} vs {d['compliance']!r}); > 0 refuses",
+              xlabel="vision exit layer", ylabel="log-prob difference")  # fmt: skip
+    for ax in (left, right):
+        ax.axvline(default, color="black", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", help="a LLaVA-1.5 or LLaVA-NeXT checkpoint (default: the demo model)")
+    ap.add_argument("--layers", default="all")
+    ap.add_argument("--limit-per-kind", type=int, help="eval items per kind (default: all)")
+    ap.add_argument("--reference-per-kind", type=int, default=32, help="train pictures per kind for the statistics")
+    ap.add_argument("--refusal", help="the model's usual refusal (with --compliance; default: its own answers)")
+    ap.add_argument("--compliance")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="icet_diag.json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    if (args.refusal is None) != (args.compliance is None):
+        ap.error("--refusal and --compliance go together")
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from edgekit.model.demo import demo_model_path
+
+        args.model = str(demo_model_path())
+    loaded = load(args.model, dtype="float32")
+    layers = parse_layers(args.layers, num_exit_layers(loaded.model))
+    answers = (args.refusal, args.compliance) if args.refusal else None
+    report = run(loaded, layers, args.limit_per_kind, args.reference_per_kind, answers)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    print(f"{report['seconds']} s; decision tokens {report['decision']}", flush=True)
+    if args.plot:
+        plot(report, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
