@@ -174,7 +174,8 @@ def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix:
         ids = torch.tensor([prefix] * len(embeds))
         embeds = torch.cat([embeds, model.get_input_embeddings()(ids)], 1)
         mask = torch.cat([mask, torch.ones_like(ids, dtype=mask.dtype)], 1)
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() numbers left-padded prompts
+    # Numbered as generate() numbers left-padded prompts: rotary positions do not mind the shift, absolute ones would.
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
     return out.logits[:, -1]
 
