@@ -230,6 +230,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
     rows = diagnose(loaded, items, layers, reference, decision, batch_size)
+    zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
     return {
         "model": loaded.source,
@@ -248,6 +249,8 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
             "tokens": reference.tokens,
             "shrinkage": reference.shrinkage,
             "distance": reference.distance,
+            # an all-zero image token's distance / the reference's own: where tokens that fade toward nothing land
+            "zero_token_distance_ratio": float(mahalanobis(zero, reference.mean, reference.chol)) / reference.distance,
         },
         "seconds": round(time.perf_counter() - start, 1),
         "layers": rows,
@@ -279,12 +282,15 @@ def plot(report: dict, path: Path) -> None:
     left.plot(x, [r["norm_ratio"] for r in rows], marker="o", label=f"norm / L{default}")
     left.plot(x, [r["cosine"] for r in rows], marker="o", label=f"cosine to L{default}")
     left.plot(x, [r["distance_ratio"] for r in rows], marker="o", label="Mahalanobis distance / reference")
+    zero = report["reference"]["zero_token_distance_ratio"]
+    left.axhline(zero, color="C2", linestyle="--", linewidth=1, label="distance of an all-zero token / reference")
     left.set(title="projected image tokens", xlabel="vision exit layer", yscale="log")
     for i, kind in enumerate(report["items"]):
         right.plot(x, [r["margin"][kind] for r in rows], marker="o", color=f"C{i}", label=kind)
     right.axhline(0, color="black", linewidth=0.8)
     d = report["decision"]
-    right.set(title=f"first-token refusal margin ({d['refusal']!r} vs {d['compliance']!r}); > 0 refuses",
+    opening = "".join(d["prefix"])
+    right.set(title=f"refusal margin: after {opening!r}, {d['refusal']!r} vs {d['compliance']!r}; > 0 refuses",
               xlabel="vision exit layer", ylabel="log-prob difference")  # fmt: skip
     for ax in (left, right):
         ax.axvline(default, color="black", linestyle=":", linewidth=1)

@@ -151,6 +151,7 @@ def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch
     assert report["default_layer"] == 23 and [r["layer"] for r in report["layers"]] == [2, 23]
     assert report["items"] == dict.fromkeys(KINDS, 2)
     assert report["reference"]["images"] == 10 and report["reference"]["tokens"] > 0
+    assert report["reference"]["zero_token_distance_ratio"] > 0
     assert report["decision"]["source"] == "given" and report["decision"]["refusal"] != report["decision"]["compliance"]
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| layer | norm / L23 |") and table[3].startswith("| 23 (default) | 1.00 | 1.00 |")
