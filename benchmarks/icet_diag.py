@@ -13,7 +13,7 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
   Mahalanobis rather than a per-dimension z-score because projected tokens are strongly correlated and lie near a
   low-dimensional subspace: a token off that subspace is far even when every coordinate is in range, which only the
   covariance sees. The covariance is shrunk toward a scaled identity by the Ledoit-Wolf estimate, because the sample
-  one is singular or nearly so (the projector's rank, and 128 pictures x 576 tokens against 4,096 dimensions in
+  one is singular or nearly so (the projector's rank, and 160 pictures x 576 tokens against 4,096 dimensions in
   LLaVA-1.5-7B) and the right amount depends on tokens per dimension, which differs by model.
 - refusal margin, per item kind: log p(refusal token) - log p(compliance token) at the first position where the
   model's refusals and compliances part, after their shared prefix (the demo model's "sorry ..." and "sure ..." share
@@ -216,7 +216,8 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
     start = time.perf_counter()
     suite, tokenizer = builtin_suite(), loaded.processor.tokenizer
     items = suite.select("eval", limit_per_kind=limit)
-    reference = fit_reference_on(loaded, suite.select("train", limit_per_kind=reference_per_kind), batch_size)
+    pictures = suite.select("train", limit_per_kind=reference_per_kind)
+    reference = fit_reference_on(loaded, pictures, batch_size)
     if answers:
         source = "given"
         refusals, compliances = ([tokenizer(text, add_special_tokens=False).input_ids] for text in answers)
@@ -245,7 +246,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         },
         "reference": {
             "split": "train",
-            "images": len(suite.select("train", limit_per_kind=reference_per_kind)),
+            "images": len(pictures),
             "tokens": reference.tokens,
             "shrinkage": reference.shrinkage,
             "distance": reference.distance,
