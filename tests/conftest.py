@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from edgekit.devices.profiles import TargetProfile, load_profile
 from edgekit.model.tiny import TINY_FAMILIES, make_tiny_checkpoint
 
 torch.set_num_threads(2)
@@ -16,6 +19,17 @@ torch.set_num_threads(2)
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
     return {family: str(make_tiny_checkpoint(family, root / family)) for family in TINY_FAMILIES}
+
+
+def full_precision_profile(onnx: str = "fp32", gguf: str = "f32") -> TargetProfile:
+    """A Jetson profile whose artifacts are unquantized (or quantized as asked), for parity with PyTorch."""
+    return dataclasses.replace(
+        load_profile("jetson-agx-orin"),
+        onnx_quantization=onnx,
+        onnx_options=(onnx,),
+        gguf_quantization=gguf,
+        mmproj_quantization="f32",
+    )
 
 
 def sample_image(seed: int = 0, size: tuple[int, int] = (40, 60)) -> Image.Image:

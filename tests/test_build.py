@@ -51,27 +51,29 @@ def _artifact_hashes(out: Path) -> dict[str, str]:
     }
 
 
+def _build_argv(model: str, out: Path, config: str) -> list[str]:
+    """The fast build of the tiny LLaVA at exit 12 for the Jetson profile."""
+    return [
+        "build",
+        "--model",
+        model,
+        "--exit-layer",
+        "12",
+        "--target",
+        "jetson",
+        "-o",
+        str(out),
+        "--config",
+        config,
+        *FAST,
+    ]
+
+
 @pytest.fixture(scope="module")
 def built(tiny_checkpoints, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("build")
     out = root / "out"
-    code = main(
-        [
-            "build",
-            "--model",
-            tiny_checkpoints["llava"],
-            "--exit-layer",
-            "12",
-            "--target",
-            "jetson",
-            "-o",
-            str(out),
-            "--config",
-            _config(root, GENEROUS),
-            *FAST,
-        ]
-    )
-    assert code == 0
+    assert main(_build_argv(tiny_checkpoints["llava"], out, _config(root, GENEROUS))) == 0
     return out
 
 
@@ -103,23 +105,7 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
 def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints, capsys):
     before = _artifact_hashes(built)
     config = built.parent / "build.toml"
-    code = main(
-        [
-            "build",
-            "--model",
-            tiny_checkpoints["llava"],
-            "--exit-layer",
-            "12",
-            "--target",
-            "jetson",
-            "-o",
-            str(built),
-            "--config",
-            str(config),
-            *FAST,
-        ]
-    )
-    assert code == 0
+    assert main(_build_argv(tiny_checkpoints["llava"], built, str(config))) == 0
     assert f"reused {', '.join(Stage)}" in capsys.readouterr().out
     assert _artifact_hashes(built) == before
     assert main(["verify", str(built)]) == 0

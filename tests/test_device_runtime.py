@@ -9,20 +9,18 @@ other sizes and modes (the suite's are at the tower's size, so they skip the res
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import sample_image
+from conftest import full_precision_profile, sample_image
 from PIL import Image
 from transformers import AutoProcessor
 
 from edgekit.devices.genai_runtime import OrtGenaiRuntime
 from edgekit.devices.processor import DeviceProcessor
-from edgekit.devices.profiles import load_profile
 from edgekit.devices.runtime import (
     HybridRuntime,
     LlamaCppRuntime,
@@ -65,14 +63,9 @@ PROMPTS += [Prompt(image, "what is in this picture") for image in _odd_images()]
 def f32(tiny_checkpoints, tmp_path_factory):
     """The tiny LLaVA and its F32 export folder."""
     loaded = load(tiny_checkpoints["llava"], dtype="float32")
-    profile = dataclasses.replace(
-        load_profile("jetson-agx-orin"),
-        onnx_quantization="fp32",
-        onnx_options=("fp32",),
-        gguf_quantization="f32",
-        mmproj_quantization="f32",
-    )
-    return loaded, export_artifacts(loaded, K, profile, tmp_path_factory.mktemp("device") / "f32").folder
+    return loaded, export_artifacts(
+        loaded, K, full_precision_profile(), tmp_path_factory.mktemp("device") / "f32"
+    ).folder
 
 
 def test_processor_equals_transformers(f32):

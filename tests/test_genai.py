@@ -7,7 +7,6 @@ among them) runs, its agreement printed. The merged embedding graph is checked a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import full_precision_profile
 
 from edgekit.devices.bench import bench_in_subprocess
 from edgekit.devices.onnx_runtime import OnnxVLM
-from edgekit.devices.profiles import load_profile
 from edgekit.devices.runtime import Prompt, open_runtime, processor_inputs
 from edgekit.devices.torch_runtime import TorchRuntime
 from edgekit.errors import UserError
@@ -40,8 +39,7 @@ def llava(tiny_checkpoints):
 
 
 def _export(loaded, k: int, folder, scheme: str = "fp32"):
-    profile = dataclasses.replace(load_profile("jetson-agx-orin"), onnx_quantization=scheme, onnx_options=(scheme,))
-    return export_artifacts(loaded, k, profile, folder, formats=("onnx",))
+    return export_artifacts(loaded, k, full_precision_profile(onnx=scheme), folder, formats=("onnx",))
 
 
 def _agreement(got: list[list[int]], want: list[list[int]]) -> tuple[int, float]:

@@ -11,7 +11,6 @@ runtime's own process, not its parent's.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import sample_image
+from conftest import full_precision_profile, sample_image
 
 from edgekit.devices.bench import bench_in_subprocess, status_mib
 from edgekit.devices.onnx_runtime import OnnxVLM
@@ -48,13 +47,7 @@ LLAMA = {"n_threads": 1, "n_ctx": 256}  # one thread: llama.cpp's spinning worke
 def tiny(tiny_checkpoints, tmp_path_factory):
     """The tiny LLaVA, its PyTorch runtime and reference tokens, and an F32 export (ONNX fp32, GGUF f32)."""
     loaded = load(tiny_checkpoints["llava"], dtype="float32")
-    f32 = dataclasses.replace(
-        load_profile("jetson-agx-orin"),
-        onnx_quantization="fp32",
-        onnx_options=("fp32",),
-        gguf_quantization="f32",
-        mmproj_quantization="f32",
-    )
+    f32 = full_precision_profile()
     folder = export_artifacts(loaded, K, f32, tmp_path_factory.mktemp("rt") / "f32").folder
     torch_rt = TorchRuntime(loaded, K)
     reference = [torch_rt.generate(p, MAX_NEW_TOKENS) for p in PROMPTS]
