@@ -18,8 +18,9 @@ import torch
 
 from edgekit.align.rollout import prepare_batch, sequence_forward
 from edgekit.align.trainer import encode_targets
+from edgekit.build import stages
 from edgekit.build.artifact_stages import BENCH_FILE
-from edgekit.build.stages import STAGE_FILE, Stage
+from edgekit.build.stages import STAGE_FILE, Stage, Stages
 from edgekit.cli import main
 from edgekit.export.manifest import MANIFEST_FILE
 from edgekit.model.demo import COMPLIANCE, REFUSAL
@@ -284,3 +285,22 @@ def test_unknown_build_config_keys_name_the_file(tmp_path, capsys):
     config.write_text("exit_layer = 12\nexit_layr = 3\n")
     assert main(["build", "--config", str(config), "-o", str(tmp_path / "out")]) == 2
     assert f"{config}: unknown key exit_layr" in capsys.readouterr().err
+
+
+def test_a_stage_is_reused_only_by_the_same_edgekit_source(tmp_path, monkeypatch):
+    """Same inputs and source: reused. Same inputs under another edgekit (a fixed exporter, a new runtime): redone."""
+    written = []
+
+    def write(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / "out.txt").write_text(str(len(written)))
+        written.append(folder)
+
+    Stages(tmp_path, log=lambda line: None).run(Stage.EXPORT, {"k": 12}, write)
+    again = Stages(tmp_path, log=lambda line: None)
+    again.run(Stage.EXPORT, {"k": 12}, write)
+    assert len(written) == 1 and again.reused == [Stage.EXPORT]
+    monkeypatch.setattr(stages, "code_identity", lambda: "another edgekit")
+    upgraded = Stages(tmp_path, log=lambda line: None)
+    upgraded.run(Stage.EXPORT, {"k": 12}, write)
+    assert len(written) == 2 and upgraded.reused == []

@@ -1,8 +1,8 @@
 """A build's stages: their folder names, and the engine that runs a stage unless its inputs are unchanged.
 
-Each stage writes OUT/NN_name/ whole or not at all, then its stage.json: its inputs (settings, and the hashes of
-the stages it reads) and the hash of what it wrote. A rerun reuses a stage whose inputs are unchanged, so a killed
-build picks up where it stopped.
+Each stage writes OUT/NN_name/ whole or not at all, then its stage.json: its inputs (settings, the hashes of the
+stages it reads, and edgekit's own source) and the hash of what it wrote. A rerun reuses a stage whose inputs are
+unchanged, so a killed build picks up where it stopped; another edgekit (a fixed exporter, a new runtime) redoes it.
 """
 
 from __future__ import annotations
@@ -47,11 +47,28 @@ def source_identity(source: str, revision: str | None) -> str:
     return tree_hash(path, skip=()) if path.is_dir() else f"hub:{source}@{revision or 'main'}"
 
 
+def code_identity() -> str:
+    """sha256 of edgekit's own source and data files (the installed packages edgekit, .export and .devices)."""
+    import edgekit
+    import edgekit.devices
+    import edgekit.export
+
+    digest = hashlib.sha256()
+    for package in (edgekit, edgekit.export, edgekit.devices):
+        root = Path(package.__path__[0])
+        files = (p for p in root.rglob("*") if p.suffix in (".py", ".jsonl", ".toml") and "__pycache__" not in p.parts)
+        for path in sorted(files):
+            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 class Stages:
-    """Runs each stage unless its stage.json shows the same inputs; records what it wrote."""
+    """Runs each stage unless its stage.json shows the same inputs, edgekit's source among them; records what it
+    wrote."""
 
     def __init__(self, out: Path, log: Callable[[str], None]):
         self.out, self.log, self.reused = out, log, []
+        self.code = code_identity()
 
     def output_hash(self, name: Stage) -> str:
         return json.loads((self.out / name / STAGE_FILE).read_text())["output_sha256"]
@@ -60,6 +77,7 @@ class Stages:
         """`write(folder)` must create `folder` whole or not at all; returning False leaves the stage unfinished
         (it reruns next time: a result that a failing runtime or judge produced is never reused)."""
         folder, record = self.out / name, self.out / name / STAGE_FILE
+        inputs = {**inputs, "edgekit_source": self.code}
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
         if record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == fingerprint:
             self.log(f"{name}: inputs unchanged, reused")
