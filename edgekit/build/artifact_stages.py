@@ -1,8 +1,8 @@
 """What the artifact stages write: 05_safety (the aligned model scanned again, then every artifact through the gate)
 and 06_bench (each runtime's latency and peak memory, each in a fresh process).
 
-An artifact is named after the runtime that runs it: `pytorch` is the truncated checkpoint in 03_truncate; `onnx`,
-`gguf` and `hybrid` are the runtime sets of the export in 04_export.
+An artifact is named after the runtime that runs it: `pytorch` is the truncated checkpoint in 03_truncate; the others
+(`onnx`, `gguf`, `hybrid`, `ortgenai`) are the runtime sets the export's manifest in 04_export lists.
 """
 
 from __future__ import annotations
