@@ -291,6 +291,39 @@ def decode_summary(runs: list[dict]) -> dict:
     }
 
 
+def decode_spec(kind: str, files: Mapping[str, str], prompts: list[dict], max_new_tokens: int, options=None) -> dict:
+    """A `TimedDecode` measurement: runtime `kind` over its `files`, `max_new_tokens` per run (the first token, then
+    that many less one decode steps), cycling through `prompts` ([{image: PNG path, text}])."""
+    return {
+        "kind": "decode",
+        "runtime": kind,
+        "files": dict(files),
+        "steps": max_new_tokens - 1,
+        "options": dict(options or {}),
+        "prompts": prompts,
+    }
+
+
+def bench_row(kind: str, measured: dict, prompts: int) -> dict:
+    """One runtime's `lockstep` measurement as a report row: load seconds, median time to first token and decode
+    tokens/s (with the vision encode and LM prefill that make up the first token), peak RSS and the RSS before any
+    weight. Raises RuntimeError when the runtime did not run."""
+    if "error" in measured:
+        raise RuntimeError(f"benchmark of the {kind} runtime failed: {measured['error']}")
+    summary = decode_summary(measured["runs"])
+    return {
+        "runtime": kind,
+        "load_s": measured["load_s"],
+        "prompts": prompts,
+        "vision_ms": round(summary["vision_ms"], 2),
+        "lm_prefill_ms": round(summary["lm_prefill_ms"], 2),
+        "first_token_ms": round(summary["ttft_ms"], 2),
+        "decode_tok_s": None if summary["decode_tok_s"] is None else round(summary["decode_tok_s"], 1),
+        "peak_rss_mib": measured["peak_rss_mb"],
+        "baseline_rss_mib": measured["rss_after_imports_mb"],
+    }
+
+
 def bench_in_subprocess(
     kind: str, folder: str | Path, *, prompts: int = 5, max_new_tokens: int = 24, exit_layer: int | None = None
 ) -> dict:
@@ -309,27 +342,11 @@ def bench_in_subprocess(
         images = [Path(work) / f"prompt-{i}.png" for i in range(len(items))]
         for item, path in zip(items, images):
             item.image().save(path)
-        spec = {
-            "kind": "decode",
-            "runtime": kind,
-            "files": files,
-            "steps": max_new_tokens - 1,
-            "options": {"exit_layer": exit_layer} if kind == "pytorch" else {},
-            "prompts": [{"image": str(p), "text": item.prompt} for item, p in zip(items, images)],
-        }
+        options = {"exit_layer": exit_layer} if kind == "pytorch" else {}
+        texts = [{"image": str(p), "text": item.prompt} for item, p in zip(items, images)]
+        spec = decode_spec(kind, files, texts, max_new_tokens, options)
         measured = lockstep(Path(work), {kind: spec}, rounds=len(items))[kind]
-    if "error" in measured:
-        raise RuntimeError(f"benchmark of the {kind} runtime failed: {measured['error']}")
-    summary = decode_summary(measured["runs"])
-    return {
-        "runtime": kind,
-        "load_s": measured["load_s"],
-        "prompts": len(items),
-        "first_token_ms": round(summary["ttft_ms"], 2),
-        "decode_tok_s": None if summary["decode_tok_s"] is None else round(summary["decode_tok_s"], 1),
-        "peak_rss_mib": measured["peak_rss_mb"],
-        "baseline_rss_mib": measured["rss_after_imports_mb"],
-    }
+    return bench_row(kind, measured, len(items))
 
 
 def main() -> None:

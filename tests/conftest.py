@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,27 @@ from edgekit.devices.profiles import TargetProfile, load_profile
 from edgekit.model.tiny import TINY_FAMILIES, make_tiny_checkpoint
 
 torch.set_num_threads(2)
+
+FAST_BUILD = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
+GENEROUS_GATES = (
+    "[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n"
+    "max_utility_drop_points = 100\nmax_drift_points = 100\n"
+)
+
+
+def build_config(folder: Path, text: str) -> str:
+    """A build.toml in `folder`: one bench prompt, then `text`."""
+    path = folder / "build.toml"
+    path.write_text("bench_prompts = 1\n" + text)
+    return str(path)
+
+
+def build_argv(model: str, out: Path, config: str) -> list[str]:
+    """The fast build of the tiny LLaVA at exit 12 for the Jetson profile."""
+    return [
+        *("build", "--model", model, "--exit-layer", "12", "--target", "jetson"),
+        *("-o", str(out), "--config", config, *FAST_BUILD),
+    ]
 
 
 @pytest.fixture(scope="session")

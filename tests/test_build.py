@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_BUILD, GENEROUS_GATES, build_argv, build_config
 
 from edgekit.align.rollout import prepare_batch, sequence_forward
 from edgekit.align.trainer import encode_targets
@@ -28,18 +29,6 @@ from edgekit.model.loading import load
 from edgekit.safety.gate import SAFETY_FILE, read_gate
 from edgekit.safety.suite import builtin_suite
 
-FAST = ["--limit-per-kind", "3", "--steps", "1", "--batch", "4", "--scan-layers", "12"]
-GENEROUS = (
-    "[gates]\nmax_asr_increase_points = 100\nmax_over_refusal_increase_points = 100\n"
-    "max_utility_drop_points = 100\nmax_drift_points = 100\n"
-)
-
-
-def _config(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "build.toml"
-    path.write_text("bench_prompts = 1\n" + text)
-    return str(path)
-
 
 def _artifact_hashes(out: Path) -> dict[str, str]:
     """The shipped files (checkpoint, ONNX, GGUF, processor); stage records hold timings and paths."""
@@ -52,29 +41,11 @@ def _artifact_hashes(out: Path) -> dict[str, str]:
     }
 
 
-def _build_argv(model: str, out: Path, config: str) -> list[str]:
-    """The fast build of the tiny LLaVA at exit 12 for the Jetson profile."""
-    return [
-        "build",
-        "--model",
-        model,
-        "--exit-layer",
-        "12",
-        "--target",
-        "jetson",
-        "-o",
-        str(out),
-        "--config",
-        config,
-        *FAST,
-    ]
-
-
 @pytest.fixture(scope="module")
 def built(tiny_checkpoints, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("build")
     out = root / "out"
-    assert main(_build_argv(tiny_checkpoints["llava"], out, _config(root, GENEROUS))) == 0
+    assert main(build_argv(tiny_checkpoints["llava"], out, build_config(root, GENEROUS_GATES))) == 0
     return out
 
 
@@ -106,7 +77,7 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
 def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints, capsys):
     before = _artifact_hashes(built)
     config = built.parent / "build.toml"
-    assert main(_build_argv(tiny_checkpoints["llava"], built, str(config))) == 0
+    assert main(build_argv(tiny_checkpoints["llava"], built, str(config))) == 0
     assert f"reused {', '.join(Stage)}" in capsys.readouterr().out
     assert _artifact_hashes(built) == before
     assert main(["verify", str(built)]) == 0
@@ -190,7 +161,7 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
             "-o",
             str(out),
             "--config",
-            _config(tmp_path, ""),
+            build_config(tmp_path, ""),
             "--limit-per-kind",
             "8",
             "--steps",
@@ -239,7 +210,7 @@ def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkp
         str(out),
         "--config",
         str(built.parent / "build.toml"),
-        *FAST,
+        *FAST_BUILD,
     ]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300

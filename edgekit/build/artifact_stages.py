@@ -75,7 +75,7 @@ def write_safety(
 ) -> bool:
     """The aligned model's scan (the 'after' plot), then every artifact through the gate. Unfinished (rerun next
     time) when a runtime or the judge failed."""
-    from edgekit.safety.gate import GateRecord, gate_verdicts, metric_values, write_gate
+    from edgekit.safety.gate import GateRecord, gate_verdicts, metric_values, write_answers, write_gate
     from edgekit.safety.report import SCAN_FILE
     from edgekit.safety.scan import METRICS
 
@@ -98,20 +98,7 @@ def write_safety(
         evaluated = evaluate_artifacts(out, cfg, items)
         verdicts = gate_verdicts(evaluated, baselines, limits, aligned_artifact=PYTORCH)
         for name, result in evaluated.items():
-            with open(tmp / f"answers_{name}.jsonl", "w") as f:
-                for a in result.answers:
-                    f.write(
-                        json.dumps(
-                            {
-                                "id": a.item.id,
-                                "kind": a.item.kind,
-                                "prompt": a.item.prompt,
-                                "response": a.response,
-                                "refused": a.refused,
-                            }
-                        )
-                        + "\n"
-                    )
+            write_answers(tmp / f"answers_{name}.jsonl", result.answers)
         write_gate(tmp, GateRecord(baselines, limits, verdicts))
     return not any(v.error for v in verdicts)
 

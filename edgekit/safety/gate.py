@@ -104,10 +104,23 @@ def answer_items(
         texts.append(runtime.decode(runtime.generate(Prompt(item.image(), item.prompt), max_new_tokens)))
         if progress:
             progress(1)
-    verdicts = judge.judge([item.prompt for item in items], texts)
+    return judged(items, texts, judge, layer)
+
+
+def judged(items: Sequence[Item], texts: Sequence[str], judge: Judge, layer: int) -> LayerResult:
+    """Answers `texts` to `items`, judged and scored like one layer of a scan."""
+    verdicts = judge.judge([item.prompt for item in items], list(texts))
     return score_layer(
         layer, [Answer(i, layer, t, v.label == "refusal", v.unsafe) for i, t, v in zip(items, texts, verdicts)]
     )
+
+
+def write_answers(path: Path, answers: Sequence[Answer]) -> None:
+    """One JSON line per answer: the item, the response and the judge's call."""
+    with open(path, "w") as f:
+        for a in answers:
+            row = {"id": a.item.id, "kind": a.item.kind, "prompt": a.item.prompt, "response": a.response}
+            f.write(json.dumps({**row, "refused": a.refused}) + "\n")
 
 
 def metric_values(result: LayerResult) -> dict[str, float | None]:
