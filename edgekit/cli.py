@@ -243,11 +243,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a build folder against its manifest and re-run the safety gate on its artifacts",
         description="Check the sha256 and size of every file against DIR/manifest.json (a changed, missing or extra "
         "file fails), then answer the eval split again with every artifact in its runtime and apply the build's "
-        "gate. Exit code 3 on any failure.",
+        "gate. With --device, the device answers with the runtimes the build ships (a bundle is copied there) and "
+        "this machine judges; the verdicts land in DIR/devices/<device>/ and in the report. Exit code 3 on any "
+        "failure.",
+        epilog=DEVICE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("folder", metavar="DIR")
+    _add_device_args(p, default=None)
     p.set_defaults(func=commands.cmd_verify)
+
+    p = sub.add_parser(
+        "bundle",
+        help="pack a build's artifacts with a torch-free runner, for a device",
+        description="Write OUT: the artifacts of the chosen runtimes (hard links where possible), the part of "
+        "edgekit a device runs (numpy, onnxruntime, llama-cpp-python, tokenizers, jinja2, Pillow; no torch, no "
+        "transformers) and requirements.txt. Copy it to a board, pip install -r requirements.txt, and `edgekit bench` "
+        "or `edgekit verify` drive it there; `edgekit bench/verify --device` make and copy one themselves.",
+    )
+    p.add_argument("folder", metavar="DIR", help="a build folder (edgekit build -o) or an export folder")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--runtimes", type=_runtimes, help="comma-separated, e.g. onnx,hybrid (default: all the build ships)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=commands.cmd_bundle)
+
+    p = sub.add_parser(
+        "bench",
+        help="time and measure each runtime of a build on this machine or a device",
+        description="Each runtime in its own fresh process on the device: load seconds, vision encode and prefill "
+        "ms, time to first token, decode tokens/s (medians over the prompts), and the process's peak RSS (VmHWM). "
+        "DIR is a build folder (the results also land in DIR/devices/<device>/ and in its report), an export "
+        "folder or a bundle.",
+        epilog=DEVICE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", metavar="DIR")
+    _add_device_args(p, default="local")
+    p.add_argument("--runtimes", type=_runtimes, help="comma-separated, e.g. onnx,hybrid (default: all it ships)")
+    p.add_argument("--prompts", type=int, default=5, help="utility prompts, one timed run each (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per timed run, eos ignored (default 24)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON instead of a table")
+    p.set_defaults(func=commands.cmd_bench)
     return parser
+
+
+DEVICE_EPILOG = """devices:
+  local                    this machine
+  ssh://user@host[:port]   a Jetson or Linux board: keys from ~/.ssh/config (never a password prompt), more
+                           options in EDGEKIT_SSH_OPTIONS, e.g. "-i ~/.ssh/jetson -o UserKnownHostsFile=FILE"
+  adb  or  adb:SERIAL      an Android phone with USB debugging and a Python (Termux), files in /data/local/tmp
+The device needs Python 3.10+ with the bundle's requirements.txt installed; the bundle itself is copied once per
+version into --remote-dir/bundles/ and reused."""
+
+
+def _runtimes(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _add_device_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    where = "default: this machine" if default else "default: the gate runs here, every artifact included"
+    p.add_argument("--device", default=default, help=f"local, ssh://user@host[:port], adb or adb:SERIAL ({where})")
+    p.add_argument("--python", help="the device's Python (default python3; local: this one)")
+    p.add_argument(
+        "--remote-dir",
+        help="where bundles and jobs go on the device (default: ~/.cache/edgekit/device, or /data/local/tmp/edgekit)",
+    )
 
 
 def _quiet_libraries() -> None:

@@ -286,8 +286,39 @@ def cmd_build(args) -> None:
     )
 
 
+def _device(args):
+    from edgekit.devices.runners import parse_device
+
+    return parse_device(args.device, python=args.python, root=args.remote_dir)
+
+
 def cmd_verify(args) -> None:
     from edgekit.build.verify import verify
 
-    verdicts = verify(args.folder, log=_stderr)
-    print(f"{args.folder}: every file matches its manifest and {len(verdicts)} artifacts pass the gate again")
+    device = _device(args) if args.device else None
+    verdicts = verify(args.folder, device=device, log=_stderr)
+    where = f" on {device.label}" if device else ""
+    print(f"{args.folder}: every file matches its manifest and {len(verdicts)} artifacts pass the gate{where} again")
+
+
+def cmd_bundle(args) -> None:
+    from edgekit.devices.bundle import make_bundle
+
+    make_bundle(args.folder, args.output, args.runtimes, overwrite=args.overwrite)
+
+
+def cmd_bench(args) -> None:
+    from edgekit.build.devices import bench_on_device
+    from edgekit.build.report import BENCH_HEADER, _bench_rows, _table, describe_device
+
+    if args.prompts < 1 or args.max_new_tokens < 2:
+        raise UserError("--prompts must be at least 1 and --max-new-tokens at least 2")
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    measured = bench_on_device(folder, _device(args), args.runtimes, args.prompts, args.max_new_tokens, log=_stderr)
+    if args.json:
+        print(json.dumps(measured, indent=2))
+        return
+    print(f"{describe_device(measured['device'])}\n")
+    print(_table(BENCH_HEADER, _bench_rows(measured["rows"])))

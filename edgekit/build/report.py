@@ -12,7 +12,7 @@ from pathlib import Path
 from edgekit.build.artifact_stages import ALIGNED_SCAN, BENCH_FILE
 from edgekit.build.stages import STAGE_FILE, Stage
 from edgekit.export.manifest import MANIFEST_FILE
-from edgekit.safety.gate import read_gate
+from edgekit.safety.gate import SAFETY_FILE, read_gate
 from edgekit.safety.limits import ALIGNED, ORIGINAL
 from edgekit.safety.report import LABELS, SCAN_FILE, pct
 from edgekit.safety.scan import METRICS
@@ -63,6 +63,63 @@ def gate_rows(verdicts) -> list[list[str]]:
     return rows
 
 
+BENCH_HEADER = ["artifact", "first token", "decode tok/s", "peak RSS"]
+
+
+def _bench_rows(bench: dict) -> list[list[str]]:
+    return [
+        [
+            name,
+            b.get("error") or f"{b['first_token_ms']} ms" + _phases(b),
+            "" if "error" in b else f"{b['decode_tok_s']}",
+            "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)",
+        ]
+        for name, b in bench.items()
+    ]
+
+
+def _phases(row: dict) -> str:
+    if not row.get("vision_ms"):  # an older bench.json, or a runtime that encodes the image inside its prefill
+        return ""
+    return f" (vision {row['vision_ms']} + prefill {row['lm_prefill_ms']})"
+
+
+def describe_device(facts: dict) -> str:
+    """One line: what the device is (`edgekit.devices.runners.parse_facts`)."""
+    parts = [facts.get("model"), facts.get("cpu"), facts.get("arch")]
+    if "cores" in facts:
+        parts.append(f"{facts['cores']} cores")
+    if "memory_mib" in facts:
+        parts.append(f"{human_bytes(facts['memory_mib'] << 20)} memory")
+    parts += [facts.get("os"), facts.get("jetson"), facts.get("power_mode")]
+    if python := facts.get("python"):  # what ran the runtimes (an emulated arm64 Python on an x86 host, say)
+        parts.append(f"Python {python['version']} on {python['machine']}")
+    return ", ".join(str(p) for p in parts if p)
+
+
+def device_sections(out: Path) -> list[str]:
+    """A section per device that ran this build (`edgekit bench/verify --device`): what it is, its gate, its bench."""
+    from edgekit.build.devices import DEVICE_FILE, DEVICES_DIR
+
+    lines = []
+    for folder in sorted((out / DEVICES_DIR).glob("*/")):
+        lines += [f"## On device `{folder.name}`", "", describe_device(_read(folder, DEVICE_FILE)) + ".", ""]
+        if (folder / SAFETY_FILE).is_file():
+            gate = read_gate(folder)
+            passed = all(v.passed for v in gate.verdicts)
+            lines += [
+                f"Gate on the device: **{'PASSED' if passed else 'FAILED'}** (answers from the device, judged here).",
+                "",
+                _table(
+                    ["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(gate.verdicts)
+                ),
+                "",
+            ]
+        if (folder / BENCH_FILE).is_file():
+            lines += [_table(BENCH_HEADER, _bench_rows(_read(folder, BENCH_FILE)["rows"])), ""]
+    return lines
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
@@ -83,15 +140,7 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
         [name, human_bytes(s["bytes"], "decimal"), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])]
         for name, s in sets.items()
     ]
-    bench_rows = [
-        [
-            name,
-            b.get("error") or f"{b['first_token_ms']} ms",
-            "" if "error" in b else f"{b['decode_tok_s']}",
-            "" if "error" in b else f"{b['peak_rss_mib']} MiB ({b['baseline_rss_mib']} MiB before weights)",
-        ]
-        for name, b in bench.items()
-    ]
+    bench_rows = _bench_rows(bench)
     original, drift = gate.limits[ORIGINAL], gate.limits[ALIGNED]
     return "\n".join(
         [
@@ -129,10 +178,11 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
             "",
             _table(["runtime set", "size", "of budget", "files"], size_rows),
             "",
-            "## Latency and memory (this build machine, one process per runtime)",
+            "## Latency and memory (the build machine, one process per runtime)",
             "",
-            _table(["artifact", "first token", "decode tok/s", "peak RSS"], bench_rows),
+            _table(BENCH_HEADER, bench_rows),
             "",
+            *device_sections(out),
             "## Stages",
             "",
             _table(
@@ -258,3 +308,18 @@ def write_report(out: Path, cfg, profile, source: str, default_layer: int, verdi
         files=files,
         extra={"gate": gate, "build": cfg.as_json()},
     )
+
+
+def refresh_report(out: Path) -> None:
+    """The report, model card and manifest of a finished build written again from its folder (after results were
+    added to it, e.g. from a device)."""
+    from edgekit.build.config import BuildConfig
+    from edgekit.build.stages import BUILD_MARK
+    from edgekit.devices.profiles import load_profile
+
+    out = Path(out).resolve()
+    cfg = BuildConfig(**{**_read(out, BUILD_MARK), "output": str(out)})
+    scan = _read(out, Stage.SCAN, SCAN_FILE)
+    source = _read(out, MANIFEST_FILE)["source_model"]
+    verdicts = read_gate(out / Stage.SAFETY).verdicts
+    write_report(out, cfg, load_profile(cfg.target), source, scan["default_layer"], verdicts)

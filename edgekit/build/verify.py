@@ -1,5 +1,6 @@
 """`edgekit verify`: a finished build folder checked again, file by file against its manifest, then through the
-safety gate on its artifacts in their runtimes (against the baselines and limits the build recorded)."""
+safety gate on its artifacts in their runtimes (against the baselines and limits the build recorded), on this
+machine or, with a device, on the device the artifacts ship to (`edgekit.build.devices`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from edgekit.errors import GateFailure, UserError
 from edgekit.export.manifest import MANIFEST_FILE
 
 
-def verify(out: str | Path, log: Callable[[str], None] = print) -> tuple:
-    """Every file against manifest.json, then the gate again on the built artifacts. Raises GateFailure naming what
-    failed; returns the verdicts (edgekit.safety.gate.Verdict), every one passed."""
+def verify(out: str | Path, device=None, log: Callable[[str], None] = print) -> tuple:
+    """Every file against manifest.json, then the gate again on the built artifacts, here or on `device`
+    (edgekit.devices.runners.Device). Raises GateFailure naming what failed; returns the verdicts
+    (edgekit.safety.gate.Verdict), every one passed."""
     from edgekit.build.artifact_stages import PYTORCH, evaluate_artifacts
     from edgekit.export.manifest import verify_hashes
     from edgekit.safety.gate import gate_verdicts, raise_if_failed, read_gate
@@ -30,6 +32,12 @@ def verify(out: str | Path, log: Callable[[str], None] = print) -> tuple:
     log(f"{out}: every file matches {MANIFEST_FILE}")
     cfg = BuildConfig(**{**json.loads((out / BUILD_MARK).read_text()), "output": str(out)})
     recorded = read_gate(out / Stage.SAFETY)
+    if device is not None:
+        from edgekit.build.devices import verify_on_device
+
+        verdicts = verify_on_device(out, device, cfg, recorded, log)
+        raise_if_failed(verdicts)
+        return verdicts
     items = builtin_suite().select("eval", limit_per_kind=cfg.limit_per_kind)
     evaluated = evaluate_artifacts(out, cfg, items)
     verdicts = gate_verdicts(evaluated, recorded.baselines, recorded.limits, aligned_artifact=PYTORCH)
