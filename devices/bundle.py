@@ -94,7 +94,7 @@ def _requirement_name(requirement: str) -> str:
     return name.lower()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -127,7 +127,7 @@ def make_bundle(
             for path in paths.values():
                 for entry in (e for name, e in entries.items() if name == path or name.startswith(path + "/")):
                     if not (tmp / ARTIFACTS / entry.path).exists():  # runtimes share files (the processor)
-                        _link_or_copy(export / entry.path, tmp / ARTIFACTS / entry.path)
+                        link_or_copy(export / entry.path, tmp / ARTIFACTS / entry.path)
                         files.append(
                             {"path": f"{ARTIFACTS}/{entry.path}", "sha256": entry.sha256, "bytes": entry.bytes}
                         )

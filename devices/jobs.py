@@ -20,22 +20,34 @@ from edgekit.units import human_bytes
 SPARE_BYTES = 64 << 20  # room left on the device beyond the bundle: the runner's own files, logs
 
 
-def ensure_bundle(device: Device, local: Path, bundle: dict, log: Callable[[str], None]) -> str:
-    """The bundle's folder on the device, relative to its root, copied there unless a whole copy is in place."""
-    folder = f"bundles/{bundle['id'][:16]}"
+def ensure_copy(device: Device, local: Path, folder: str, marker: str, log: Callable[[str], None]) -> str:
+    """`local` copied to `folder` (relative to the device's root) unless a whole copy is there: the copy is renamed
+    into place only when whole, so `marker` inside it says so. Checks the room first. Returns `folder`."""
     remote = f"{device.root}/{folder}"
-    if device.shell(f"test -f {shlex.quote(remote + '/' + BUNDLE_FILE)} && echo present || true").strip() == "present":
+    if device.shell(f"test -f {shlex.quote(remote + '/' + marker)} && echo present || true").strip() == "present":
         return folder
-    need = sum(f["bytes"] for f in bundle["files"])
+    need = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
     free = device.free_bytes(device.root)
     if free is not None and free < need + SPARE_BYTES:
         raise UserError(
-            f"{device.label}: the bundle needs {human_bytes(need + SPARE_BYTES)} in {device.root}, "
+            f"{device.label}: {local.name} needs {human_bytes(need + SPARE_BYTES)} in {device.root}, "
             f"the device has {human_bytes(free)} free"
         )
-    log(f"copying the bundle ({human_bytes(need)}) to {device.label}:{remote}")
+    log(f"copying {local.name} ({human_bytes(need)}) to {device.label}:{remote}")
     device.push(local, remote)
     return folder
+
+
+def push_prompts(device: Device, prompts: Sequence[Prompt], spec: dict) -> str:
+    """A job folder on the device with `spec` as job.json and the prompts' images; its path from the root."""
+    job = f"jobs/{uuid.uuid4().hex[:12]}"
+    with tempfile.TemporaryDirectory(prefix="edgekit-job-") as tmp:
+        for i, prompt in enumerate(prompts):
+            prompt.image.save(Path(tmp) / f"prompt-{i}.png")
+        prompt_files = [{"image": f"prompt-{i}.png", "text": p.text} for i, p in enumerate(prompts)]
+        (Path(tmp) / JOB_FILE).write_text(json.dumps({**spec, "prompts": prompt_files}))
+        device.push(Path(tmp), f"{device.root}/{job}")
+    return job
 
 
 def run_job(
@@ -53,24 +65,18 @@ def run_job(
     """`command` (answer or bench, see `edgekit.devices.on_device`) on `device`: {"runtimes": per runtime its result,
     "python": the device Python's machine and version}."""
     device.check()
-    folder = ensure_bundle(device, local_bundle, bundle, log)
-    job = f"jobs/{uuid.uuid4().hex[:12]}"
+    folder = ensure_copy(device, local_bundle, f"bundles/{bundle['id'][:16]}", BUNDLE_FILE, log)
+    spec = {
+        "job_version": JOB_VERSION,
+        "bundle": bundle["id"],
+        "command": command,
+        "runtimes": list(runtimes),
+        "max_new_tokens": max_new_tokens,
+        "rounds": rounds,
+        "options": options or {},
+    }
+    job = push_prompts(device, prompts, spec)
     job_dir = f"{device.root}/{job}"
-    with tempfile.TemporaryDirectory(prefix="edgekit-job-") as tmp:
-        spec = {
-            "job_version": JOB_VERSION,
-            "bundle": bundle["id"],
-            "command": command,
-            "runtimes": list(runtimes),
-            "max_new_tokens": max_new_tokens,
-            "rounds": rounds,
-            "options": options or {},
-            "prompts": [{"image": f"prompt-{i}.png", "text": p.text} for i, p in enumerate(prompts)],
-        }
-        for i, prompt in enumerate(prompts):
-            prompt.image.save(Path(tmp) / f"prompt-{i}.png")
-        (Path(tmp) / JOB_FILE).write_text(json.dumps(spec))
-        device.push(Path(tmp), job_dir)
     try:
         # From the device root, with the bundle first on the path: its edgekit, not one installed there.
         code, last = device.run_streaming(

@@ -82,21 +82,27 @@ class Device(ABC):
     def shell(self, script: str, timeout: float = 600) -> str:
         """`script`'s stdout; its failure is one line naming the device."""
         try:
-            result = subprocess.run(self.argv(script), capture_output=True, text=True, timeout=timeout)
+            # errors="replace": a tool printing a model's raw token pieces may cut a UTF-8 character in two
+            result = subprocess.run(
+                self.argv(script), capture_output=True, text=True, errors="replace", timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             raise UserError(f"{self.label}: no answer in {timeout:g} s") from None
         if result.returncode != 0:
             raise self.fail(result)
         return result.stdout
 
-    def check(self) -> None:
-        """Reachable, with a working shell and the runner's Python."""
+    def check(self, python: bool = True) -> None:
+        """Reachable, with a working shell and (unless llama.cpp's tools run instead) the runner's Python."""
         out = self.shell(f"command -v {shlex.quote(self.python)} || echo NO_PYTHON", timeout=60)
-        if "NO_PYTHON" in out:
+        if python and "NO_PYTHON" in out:
             raise UserError(f"{self.label}: no {self.python} on the device: {self.no_python_hint()}")
 
     def no_python_hint(self) -> str:
-        return "install Python 3.10+ there, or pass --python with the path of one"
+        return (
+            "install Python 3.10+ there, or pass --python with the path of one, or --llama-bin with a build of "
+            "llama.cpp's llama-bench and llama-mtmd-cli for it"
+        )
 
     def facts(self) -> dict:
         return {"device": self.label, **parse_facts(self.shell(FACTS_SCRIPT, timeout=60))}
@@ -198,7 +204,7 @@ class AdbDevice(Device):
     def argv(self, script: str) -> list[str]:
         return self.adb("shell", script)
 
-    def check(self) -> None:
+    def check(self, python: bool = True) -> None:
         try:
             result = subprocess.run(self.adb("get-state"), capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -211,12 +217,12 @@ class AdbDevice(Device):
             elif "no devices" in why:
                 why = "no Android device attached (adb devices lists none); connect one with USB debugging on"
             raise UserError(f"{self.label}: {why}")
-        super().check()
+        super().check(python)
 
     def no_python_hint(self) -> str:
         return (
-            "install Termux's python (then pip install -r requirements.txt) and pass --python with its path; "
-            "edgekit cannot yet drive llama.cpp's own Android binaries (llama-bench, llama-mtmd-cli) in its place"
+            "install Termux's python (then pip install -r requirements.txt) and pass --python with its path, or "
+            "pass --llama-bin with an Android (arm64-v8a) build of llama.cpp's llama-bench and llama-mtmd-cli"
         )
 
     def push(self, local: Path, remote: str) -> None:

@@ -310,6 +310,12 @@ def _add_device_args(p: argparse.ArgumentParser, default: str | None) -> None:
         "--remote-dir",
         help="where bundles and jobs go on the device (default: ~/.cache/edgekit/device, or /data/local/tmp/edgekit)",
     )
+    p.add_argument(
+        "--llama-bin",
+        metavar="DIR",
+        help="run the gguf artifacts with llama.cpp's llama-bench and llama-mtmd-cli built for the device (from "
+        "DIR; no Python needed there, e.g. an Android build)",
+    )
 
 
 def _quiet_libraries() -> None:

@@ -296,7 +296,9 @@ def cmd_verify(args) -> None:
     from edgekit.build.verify import verify
 
     device = _device(args) if args.device else None
-    verdicts = verify(args.folder, device=device, log=_stderr)
+    if args.llama_bin and not device:
+        raise UserError("--llama-bin runs llama.cpp's tools on a device: give --device too")
+    verdicts = verify(args.folder, device=device, llama_bin=args.llama_bin, log=_stderr)
     where = f" on {device.label}" if device else ""
     print(f"{args.folder}: every file matches its manifest and {len(verdicts)} artifacts pass the gate{where} again")
 
@@ -316,7 +318,9 @@ def cmd_bench(args) -> None:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
-    measured = bench_on_device(folder, _device(args), args.runtimes, args.prompts, args.max_new_tokens, log=_stderr)
+    measured = bench_on_device(
+        folder, _device(args), args.runtimes, args.prompts, args.max_new_tokens, args.llama_bin, log=_stderr
+    )
     if args.json:
         print(json.dumps(measured, indent=2))
         return

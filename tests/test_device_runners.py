@@ -210,7 +210,7 @@ def test_device_out_of_space(bundle, sshd, tmp_path, monkeypatch, capsys):
     try:
         monkeypatch.setenv("EDGEKIT_SSH_OPTIONS", sshd.options())
         code = main(["bench", str(bundle), *_device_args(sshd.url, small / "edgekit")])
-        _one_line_error(capsys, code, "the bundle needs", "free")
+        _one_line_error(capsys, code, "bundle needs", "free")
         assert [p.name for p in (small / "edgekit").iterdir()] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -273,6 +273,13 @@ def test_bad_device_specs(bundle, capsys):
         _one_line_error(capsys, main(["bench", str(bundle), "--device", spec]), "--device")
 
 
+def test_llama_bin_without_the_tools_or_a_device(built, tmp_path, capsys):
+    local = ["--device", "local", "--remote-dir", str(tmp_path / "device")]
+    _one_line_error(capsys, main(["bench", str(built), *local, "--llama-bin", str(tmp_path)]), "no llama-bench")
+    _one_line_error(capsys, main(["verify", str(built), "--llama-bin", str(tmp_path)]), "give --device")
+    assert not (tmp_path / "device" / "tools").exists()
+
+
 def test_parse_facts_of_a_jetson_and_a_phone():
     """The facts script's output as two devices print it (fixed text: no board here)."""
     jetson = parse_facts(
@@ -324,3 +331,31 @@ def test_bundle_answers_the_same_on_arm64(export, bundle, tmp_path):
         same = sum(a["tokens"] == w for a, w in zip(got["runtimes"][kind]["answers"], want))
         print(f"{kind} on arm64 (qemu): {same}/{len(want)} prompts token-identical to x86-64")
         assert same == len(want), kind
+
+
+@pytest.mark.slow
+def test_llama_tools_bench_and_verify_without_python(built, sshd, tmp_path, monkeypatch):
+    """`--llama-bin` over ssh with no Python on the device (`--python` names none): llama-bench measures the
+    language model, llama-mtmd-cli answers the eval split, and the gate judges those answers as the gguf artifact's.
+    The tools are built from the llama.cpp that llama-cpp-python vendors (tests/llama_tools.sh, once)."""
+    import llama_cpp
+
+    tools = Path.home() / ".cache" / "edgekit" / f"llama-tools-{llama_cpp.__version__}"
+    if not (tools / "llama-mtmd-cli").is_file():
+        script = Path(__file__).parent / "llama_tools.sh"
+        subprocess.run(["bash", str(script), str(tools), llama_cpp.__version__], check=True)
+    monkeypatch.setenv("EDGEKIT_SSH_OPTIONS", sshd.options())
+    device = ["--device", sshd.url, "--python", "/no/python", "--remote-dir", str(tmp_path), "--llama-bin", str(tools)]
+    assert main(["bench", str(built), *device, "--prompts", "1", "--max-new-tokens", "8"]) == 0
+    label = SshDevice(getpass.getuser(), "127.0.0.1", sshd.port, None, None).label
+    row = json.loads((built / DEVICES_DIR / label / "bench.json").read_text())["rows"]["gguf"]
+    assert row["tool"] == "llama-bench" and row["prompt_tokens"] > 1
+    assert row["lm_prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["rss_samples"] >= 1
+
+    assert main(["verify", str(built), *device]) == 0
+    there = [json.loads(line) for line in (built / DEVICES_DIR / label / "answers_gguf.jsonl").read_text().splitlines()]
+    here = [json.loads(line) for line in (built / Stage.SAFETY / "answers_gguf.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in there] == [a["id"] for a in here]
+    assert sum(bool(a["response"].strip()) for a in there) >= len(there) // 2
+    same = sum(a["response"] == b["response"] for a, b in zip(there, here))
+    print(f"llama-mtmd-cli: {same}/{len(here)} answers equal to the gguf runtime's (llama-cpp-python's mtmd)")

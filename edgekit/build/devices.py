@@ -65,9 +65,11 @@ def bench_on_device(
     runtimes: Sequence[str] | None = None,
     prompts: int = 5,
     max_new_tokens: int = 24,
+    llama_bin: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Each runtime of a build, export or bundle folder measured on `device`, each in its own process there:
+    """Each runtime of a build, export or bundle folder measured on `device`, each in its own process there (with
+    `llama_bin`: llama.cpp's llama-bench on the `gguf` language model instead, no Python needed):
     {"device": facts, "rows": {runtime: bench row}}. A build folder keeps it in devices/<label>/bench.json."""
     from edgekit.devices.jobs import run_job
     from edgekit.devices.runtime import Prompt
@@ -75,28 +77,42 @@ def bench_on_device(
 
     folder = Path(folder).resolve()
     items = builtin_suite().select("eval", kinds=("utility",), limit_per_kind=prompts)
-    with bundle_for(folder, runtimes, log) as (bundle_dir, bundle):
-        chosen = tuple(runtimes or bundle["runtimes"])
-        result = run_job(
-            device,
-            bundle_dir,
-            bundle,
-            "bench",
-            chosen,
-            [Prompt(item.image(), item.prompt) for item in items],
-            max_new_tokens,
-            rounds=len(items),
-            log=log,
-        )
-    measured = {"device": {**device.facts(), "python": result["python"]}, "rows": result["runtimes"]}
+    timed = [Prompt(item.image(), item.prompt) for item in items]
+    if llama_bin:
+        rows, python = {"gguf": _bench_with_tools(folder, device, Path(llama_bin), timed[0], max_new_tokens, log)}, None
+    else:
+        with bundle_for(folder, runtimes, log) as (bundle_dir, bundle):
+            chosen = tuple(runtimes or bundle["runtimes"])
+            result = run_job(
+                device, bundle_dir, bundle, "bench", chosen, timed, max_new_tokens, rounds=len(items), log=log
+            )
+        rows, python = result["runtimes"], result["python"]
+    measured = {"device": {**device.facts(), **({"python": python} if python else {})}, "rows": rows}
     write_device_results(
         folder, device, measured["device"], lambda f: (f / BENCH_FILE).write_text(json.dumps(measured, indent=2))
     )
     return measured
 
 
-def verify_on_device(out: Path, device: Device, cfg, recorded, log: Callable[[str], None] = print) -> tuple:
-    """The build's gate with every device runtime's answers given by `device`; the verdicts (failed ones included).
+def _bench_with_tools(folder: Path, device: Device, llama_bin: Path, prompt, max_new_tokens: int, log) -> dict:
+    """llama-bench at the length of `prompt` as the export's processor tokenizes it, image tokens included."""
+    from edgekit.devices.bundle import export_folder
+    from edgekit.devices.llama_tools import bench_with_tools, copy_tools
+    from edgekit.devices.runtime import export_files, open_processor, processor_inputs
+
+    export = export_folder(folder)
+    processor = open_processor(export_files("gguf", export)["processor_dir"])
+    tokens = processor_inputs(processor, prompt, "np")["input_ids"].shape[1]
+    with tempfile.TemporaryDirectory(prefix=".edgekit-tools-", dir=export.parent) as tmp:
+        remote = copy_tools(device, llama_bin, export, Path(tmp), log)
+    return bench_with_tools(device, remote, tokens, max_new_tokens)
+
+
+def verify_on_device(
+    out: Path, device: Device, cfg, recorded, llama_bin: str | Path | None = None, log: Callable[[str], None] = print
+) -> tuple:
+    """The build's gate with every device runtime's answers given by `device` (with `llama_bin`: the `gguf`
+    artifacts' answers from llama.cpp's llama-mtmd-cli, no Python needed); the verdicts (failed ones included).
     The PyTorch checkpoint does not go to a device: the build machine's verdict on it stands."""
     from edgekit.build.artifact_stages import PYTORCH
     from edgekit.build.stages import Stage
@@ -116,19 +132,20 @@ def verify_on_device(out: Path, device: Device, cfg, recorded, log: Callable[[st
 
     judge = make_judge(cfg.judge)
     items = builtin_suite().select("eval", limit_per_kind=cfg.limit_per_kind)
-    runtimes = shipped_runtimes(out / Stage.EXPORT, None)
-    with bundle_for(out, runtimes, log) as (bundle_dir, bundle):
-        log(f"{device.label}: {len(items)} prompts for {', '.join(runtimes)}")
-        result = run_job(
-            device,
-            bundle_dir,
-            bundle,
-            "answer",
-            runtimes,
-            [Prompt(item.image(), item.prompt) for item in items],
-            cfg.max_new_tokens,
-            log=log,
-        )
+    export = out / Stage.EXPORT
+    runtimes = shipped_runtimes(export, ("gguf",) if llama_bin else None)
+    prompts = [Prompt(item.image(), item.prompt) for item in items]
+    log(f"{device.label}: {len(items)} prompts for {', '.join(runtimes)}")
+    if llama_bin:
+        from edgekit.devices.llama_tools import answer_with_tools, copy_tools
+
+        with tempfile.TemporaryDirectory(prefix=".edgekit-tools-", dir=out.parent) as tmp:
+            remote = copy_tools(device, Path(llama_bin), export, Path(tmp), log)
+        texts = answer_with_tools(device, remote, prompts, cfg.max_new_tokens, log)
+        result = {"runtimes": {"gguf": {"answers": [{"text": t} for t in texts]}}}
+    else:
+        with bundle_for(out, runtimes, log) as (bundle_dir, bundle):
+            result = run_job(device, bundle_dir, bundle, "answer", runtimes, prompts, cfg.max_new_tokens, log=log)
     evaluated = {}
     for kind, answered in result["runtimes"].items():
         if "error" in answered:
@@ -143,7 +160,8 @@ def verify_on_device(out: Path, device: Device, cfg, recorded, log: Callable[[st
         for kind, evaluation in evaluated.items():
             write_answers(folder / f"answers_{kind}.jsonl", evaluation.answers)
 
-    write_device_results(out, device, {**device.facts(), "python": result["python"]}, write)
+    python = {"python": result["python"]} if "python" in result else {"runtime": "llama.cpp tools"}
+    write_device_results(out, device, {**device.facts(), **python}, write)
     for v in verdicts:
         log(f"{v.artifact} on {device.label}: {'pass' if v.passed else 'FAIL'}")
     return verdicts

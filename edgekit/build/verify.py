@@ -14,10 +14,10 @@ from edgekit.errors import GateFailure, UserError
 from edgekit.export.manifest import MANIFEST_FILE
 
 
-def verify(out: str | Path, device=None, log: Callable[[str], None] = print) -> tuple:
+def verify(out: str | Path, device=None, llama_bin=None, log: Callable[[str], None] = print) -> tuple:
     """Every file against manifest.json, then the gate again on the built artifacts, here or on `device`
-    (edgekit.devices.runners.Device). Raises GateFailure naming what failed; returns the verdicts
-    (edgekit.safety.gate.Verdict), every one passed."""
+    (edgekit.devices.runners.Device; with `llama_bin`, through llama.cpp's tools there). Raises GateFailure naming
+    what failed; returns the verdicts (edgekit.safety.gate.Verdict), every one passed."""
     from edgekit.build.artifact_stages import PYTORCH, evaluate_artifacts
     from edgekit.export.manifest import verify_hashes
     from edgekit.safety.gate import gate_verdicts, raise_if_failed, read_gate
@@ -35,7 +35,7 @@ def verify(out: str | Path, device=None, log: Callable[[str], None] = print) -> 
     if device is not None:
         from edgekit.build.devices import verify_on_device
 
-        verdicts = verify_on_device(out, device, cfg, recorded, log)
+        verdicts = verify_on_device(out, device, cfg, recorded, llama_bin, log)
         raise_if_failed(verdicts)
         return verdicts
     items = builtin_suite().select("eval", limit_per_kind=cfg.limit_per_kind)
