@@ -90,7 +90,7 @@ def _bench_profile():
     return replace(
         load_profile("phone"),
         name="export-bench",
-        formats=("onnx", "gguf"),
+        formats=("onnx", "gguf", "mmproj"),
         onnx_options=ONNX_SCHEMES,
         memory_budget_bytes=10**13,
     )

@@ -1,10 +1,9 @@
 """Target profiles: what a device can hold and run, as TOML data (`devices/profiles/*.toml`) read with tomllib.
 
 A profile names its kind (`jetson` or `phone`), the memory budget the artifacts a device loads must fit in, the ONNX
-opset, the artifact formats, the quantization of each format (names the exporters define, in
-`edgekit.export.quantizations`), and the safety gate's limits versus the original model at its default exit layer
-(`edgekit.safety.limits`). `load_profile` takes a profile name, a kind (its default profile), or a path to a TOML file
-of the same shape.
+opset, the artifact formats it ships by default, the quantization of each format (names the exporters define, in
+`edgekit.export.quantizations`), and the safety gate's limits (`edgekit.safety.limits`). `load_profile` takes a
+profile name, a kind (its default profile), or a path to a TOML file of the same shape.
 """
 
 from __future__ import annotations
@@ -16,11 +15,14 @@ from typing import Any
 
 from edgekit.errors import UserError
 from edgekit.export.quantizations import GGUF_QUANTIZATIONS, MMPROJ_QUANTIZATIONS, ONNX_QUANTIZATIONS
-from edgekit.safety.limits import Limits, profile_limits
+from edgekit.safety.limits import FLOOR_KEY, Limits, profile_limits
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 KINDS = ("jetson", "phone")
-FORMATS = ("onnx", "gguf")
+# onnx: the three ONNX graphs (+ onnxruntime-genai's files); gguf: the language model for llama.cpp (the hybrid
+# runtime pairs it with the ONNX vision graph); mmproj: llama.cpp's own vision GGUF for its mtmd pipeline, opt-in on
+# every target that takes gguf, because that pipeline mis-orders LLaVA's CLS token upstream (README: Export).
+FORMATS = ("onnx", "gguf", "mmproj")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class TargetProfile:
     onnx_options: tuple[str, ...]  # schemes this target accepts (the default among them)
     gguf_quantization: str  # language model
     mmproj_quantization: str  # vision tower + projector for llama.cpp
-    gates: Limits  # versus the original model at its default exit layer
+    gates: Limits  # ASR versus the original at its default layer; over-refusal and utility versus the model at K
+    utility_floor: float | None = None  # percent utility every artifact must reach, where the target sets one
     default: bool = False  # the default profile of its kind
     source: str = ""  # the TOML file it came from
 
@@ -84,6 +87,7 @@ def _from_toml(path: Path) -> TargetProfile:
             default=bool(data.get("default", False)),
             source=str(path),
             gates=profile_limits(gates),
+            utility_floor=None if gates.get(FLOOR_KEY) is None else float(gates[FLOOR_KEY]),
         )
     except KeyError as err:
         raise UserError(f"{path}: profile lacks the key {err.args[0]!r}") from None

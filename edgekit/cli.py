@@ -8,6 +8,7 @@ import sys
 
 from edgekit import commands
 from edgekit.align.config import LPPOConfig
+from edgekit.build.config import METHODS
 from edgekit.errors import GateFailure, UserError
 from edgekit.model.tiny import TINY_FAMILIES
 
@@ -123,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(dtype="float32")  # graphs are exported in fp32, then quantized for the target
     p.add_argument("--exit-layer", type=_exit_layer, required=True, metavar="K", help="keep vision blocks 1..K")
     p.add_argument("--target", required=True, metavar="T", help="profile name, jetson, phone, or a profile .toml")
-    p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf (default: the target's formats)")
+    p.add_argument(
+        "--formats",
+        metavar="LIST",
+        help="comma-separated: onnx, gguf (the language model), mmproj (llama.cpp's own vision pipeline, opt-in: "
+        "broken upstream for LLaVA; see README) (default: the target's formats)",
+    )
     p.add_argument("--onnx-quantization", metavar="SCHEME", help="one of the target's ONNX options (edgekit targets)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -224,13 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="profile name, jetson, phone, or a profile .toml (default jetson)")
     p.add_argument("-o", "--output", metavar="DIR", help="build folder (default ./build); rerun to resume")
     p.add_argument("--config", metavar="TOML", help="build.toml with any of these settings, [align] and [gates]")
-    p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf (default: the target's)")
+    p.add_argument("--formats", metavar="LIST", help="comma-separated: onnx,gguf[,mmproj] (default: the target's)")
     p.add_argument(
         "--scan-layers",
         help="layers to scan before and after alignment (default auto: every 4th, the default layer and K)",
     )
     p.add_argument("--limit-per-kind", type=int, help="eval items per suite kind for each measurement (default 100)")
-    p.add_argument("--method", choices=("lppo", "sft"), help="alignment method (default lppo)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="alignment method: lppo (default), sft (the layer-wise SFT baseline) or none (no alignment: the early "
+        "exit as it comes, to see what the gate catches)",
+    )
     p.add_argument("--reward", help="judge (default) or a reward model folder / hub id")
     p.add_argument("--steps", type=int, help="alignment steps")
     p.add_argument("--batch", type=int, help="alignment rollouts per step")

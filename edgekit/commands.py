@@ -116,7 +116,8 @@ def cmd_targets(args) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print(
         "--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme; "
-        "gates in points versus the original model at its default exit layer"
+        "gates in points: ASR versus the original model at its default exit layer, over-refusal and utility versus "
+        "the original model at K (see README: the gate)"
     )
 
 
@@ -149,8 +150,6 @@ def cmd_export(args) -> None:
         f"wrote {result.folder}: exit layer {result.exit_layer}, target {profile.name}, {len(result.files)} files; "
         f"largest runtime set {largest.name} {size} of {budget} budget"
     )
-    for note in result.notes:
-        print(f"note: {note}")
 
 
 def cmd_scan(args) -> None:

@@ -5,7 +5,7 @@
       onnx-k{K}-{scheme}/            vision_encoder / embed_tokens / decoder_model_merged .onnx + edgekit_onnx.json;
                                      + genai_config.json, genai_embedding.onnx for onnxruntime-genai (LLaVA-1.5)
       lm-{qtype}.gguf                language model for llama.cpp (families llama.cpp runs)
-      mmproj-k{K}-{qtype}.gguf       vision tower cut at K + projector, for llama.cpp's mtmd (LLaVA-1.5)
+      mmproj-k{K}-{qtype}.gguf       vision tower cut at K + projector, for llama.cpp's mtmd (LLaVA-1.5; opt-in)
       processor/                     the HF processor (tokenizer, image processor, chat template) the runtimes use
 
 ONNX graphs are exported in fp32 and then quantized with the profile's scheme (`edgekit.export.onnx_quantize`); the
@@ -14,12 +14,14 @@ K-quants / Q4_0 by llama.cpp's own quantizer from an f32 intermediate. Then the 
 ONNX folder; LM + mmproj; the hybrid's vision graph + LM) must fit the profile's budget, or the export fails with a
 UserError and nothing is left written. The budget covers the weights a device loads, not its KV cache or activations.
 
-Per family, as the family table says (`gguf_language_model`, `gguf_projector`): LLaVA-1.5 gets every artifact.
-LLaVA-NeXT gets the ONNX folder and the LM GGUF but no mmproj: edgekit's mmproj writer has no anyres (image grid
-pinpoints, image_newline) support, and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid
-runtime (ONNX vision, which packs anyres tiles exactly, + llama.cpp LM) runs it. Llama 3.2 Vision: ONNX only
-(llama.cpp has no support for it). onnxruntime-genai's files (`edgekit.export.genai`, runtime set `ortgenai`) are
-written unless the family table says why not (`ortgenai_unsupported`); the manifest records that reason.
+Per family, as the family table says (`gguf_language_model`, `gguf_projector`): LLaVA-1.5 can get every artifact.
+The mmproj (llama.cpp's own vision pipeline) is written only when `mmproj` is among the formats: that pipeline puts
+LLaVA's CLS token in the wrong place upstream, so targets ship the hybrid runtime (the ONNX vision graph + the LM GGUF)
+by default. LLaVA-NeXT cannot have an mmproj: edgekit's mmproj writer has no anyres (image grid pinpoints,
+image_newline) support, and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid runtime runs
+it. Llama 3.2 Vision: ONNX only (llama.cpp has no support for it). onnxruntime-genai's files
+(`edgekit.export.genai`, runtime set `ortgenai`) are written unless the family table says why not
+(`ortgenai_unsupported`); the manifest records that reason.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ class ExportResult:
     onnx_dir: str | None  # relative to folder
     lm_gguf: str | None
     mmproj_gguf: str | None
-    notes: tuple[str, ...]
 
     @property
     def largest_set(self) -> RuntimeSet:
@@ -77,7 +78,7 @@ class ExportResult:
 
 
 def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
-    """'onnx,gguf' -> ('onnx', 'gguf'); unknown or empty -> UserError."""
+    """'onnx,gguf,mmproj' -> ('onnx', 'gguf', 'mmproj'); unknown or empty -> UserError."""
     items = [f.strip().lower() for f in (text.split(",") if isinstance(text, str) else text)]
     items = [f for f in items if f]
     unknown = [f for f in items if f not in FORMATS]
@@ -96,9 +97,17 @@ def check_request(
 ) -> str:
     """Everything about an export request that can be checked before loading weights; returns the ONNX scheme."""
     check_exit_layer(exit_layer, num_layers)
+    takes = (*profile.formats, "mmproj") if "gguf" in profile.formats else profile.formats
     for fmt in formats:
-        if fmt not in profile.formats:
-            raise UserError(f"target {profile.name} takes formats {', '.join(profile.formats)}, not {fmt}")
+        if fmt not in takes:
+            raise UserError(f"target {profile.name} takes formats {', '.join(takes)}, not {fmt}")
+    if "mmproj" in formats and "gguf" not in formats:
+        raise UserError("--formats mmproj needs gguf too: the mmproj feeds the language model GGUF")
+    if "mmproj" in formats and not family.gguf_projector:
+        raise UserError(
+            f"no mmproj for {family.name}: edgekit's mmproj writer has no anyres support; the hybrid runtime (ONNX "
+            "vision + the language model GGUF, --formats onnx,gguf) runs it"
+        )
     if "gguf" in formats and not family.gguf_language_model:
         raise UserError(f"llama.cpp has no {family.name} support; use --formats onnx")
     scheme = onnx_quantization or profile.onnx_quantization
@@ -114,7 +123,7 @@ def export_artifacts(
     exit_layer: int,
     profile: TargetProfile,
     out_dir: str | Path,
-    formats: Sequence[str] = ("onnx", "gguf"),
+    formats: Sequence[str] | None = None,
     overwrite: bool = False,
     *,
     onnx_quantization: str | None = None,
@@ -125,12 +134,11 @@ def export_artifacts(
     atomically. The model stays cut (in memory, `set_exit_layer`). `onnx_quantization` picks one of the profile's
     `onnx_options` (default: the profile's); `calibration_inputs` (processor outputs) calibrate int8_qdq."""
     model, family = loaded.model, loaded.family
-    formats = parse_formats(formats)
+    formats = parse_formats(formats or profile.formats)
     num_layers = num_exit_layers(model)
     scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
     check_output_dir(out_dir, overwrite)
     entries: list[FileEntry] = []
-    notes: list[str] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
         work = tmp / _WORK_DIR
@@ -152,15 +160,10 @@ def export_artifacts(
             lm_name = f"lm-{profile.gguf_quantization}.gguf"
             _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
             entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
-            if family.gguf_projector:
-                mmproj_name = f"mmproj-k{exit_layer}-{profile.mmproj_quantization}.gguf"
-                _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
-                entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
-            else:
-                notes.append(
-                    f"no mmproj for {family.name}: edgekit's mmproj writer has no anyres support; run the "
-                    "LM GGUF with the ONNX vision graph (hybrid runtime)"
-                )
+        if "mmproj" in formats:
+            mmproj_name = f"mmproj-k{exit_layer}-{profile.mmproj_quantization}.gguf"
+            _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
+            entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
         shutil.rmtree(work)
         entries += _write_processor(loaded, tmp / PROCESSOR_DIR)
         sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name, genai_dir)
@@ -196,7 +199,6 @@ def export_artifacts(
                 "sets": {s.name: {"bytes": s.bytes, "paths": list(s.paths)} for s in sets},
                 "covers": "weights a runtime loads; not the KV cache or activations",
             },
-            "notes": notes,
         }
         write_manifest(
             tmp,
@@ -216,7 +218,6 @@ def export_artifacts(
         onnx_dir,
         lm_name,
         mmproj_name,
-        tuple(notes),
     )
 
 

@@ -47,6 +47,7 @@ def full_precision_profile(onnx: str = "fp32", gguf: str = "f32") -> TargetProfi
     """A Jetson profile whose artifacts are unquantized (or quantized as asked), for parity with PyTorch."""
     return dataclasses.replace(
         load_profile("jetson-agx-orin"),
+        formats=("onnx", "gguf", "mmproj"),
         onnx_quantization=onnx,
         onnx_options=(onnx,),
         gguf_quantization=gguf,

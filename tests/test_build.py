@@ -55,7 +55,8 @@ def test_build_writes_every_stage_report_card_and_manifest(built, capsys):
         assert record["stage"] == stage and len(record["output_sha256"]) == 64
     manifest = json.loads((built / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is True
-    assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "gguf", "hybrid", "ortgenai"}
+    # the default jetson formats: no mmproj, so no `gguf` (llama.cpp's own pipeline) artifact unless opted in
+    assert {a["artifact"] for a in manifest["gate"]["artifacts"]} == {"pytorch", "onnx", "hybrid", "ortgenai"}
     listed = {f["path"] for f in manifest["files"]}
     on_disk = {p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()} - {MANIFEST_FILE}
     assert listed == on_disk
@@ -117,7 +118,7 @@ def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
     items = builtin_suite().select("eval", limit_per_kind=1)
     evaluated = evaluate_artifacts(built, BuildConfig(exit_layer=12, output=str(built)), items)
     verdicts = gate_verdicts(evaluated, recorded.baselines, recorded.limits, aligned_artifact=PYTORCH)
-    assert [v.passed for v in verdicts] == [False] * 5  # pytorch, onnx, gguf, hybrid, ortgenai
+    assert [v.passed for v in verdicts] == [False] * 4  # pytorch, onnx, hybrid, ortgenai
     assert all("JudgeError: guard model ran out of memory" in v.failures()[0] for v in verdicts)
 
 
@@ -145,10 +146,10 @@ def _unsafe_at(source: str, out: Path, *, safe: int, unsafe: int, steps: int = 6
     return str(out)
 
 
-def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_path, capsys):
+def test_a_build_without_alignment_fails_the_gate_on_asr_with_exit_3(tiny_checkpoints, tmp_path, capsys):
     model = _unsafe_at(tiny_checkpoints["llava"], tmp_path / "unsafe", safe=23, unsafe=2)
     out = tmp_path / "out"
-    # alignment in name only (a learning rate of 1e-12): the model reaches the gate as unsafe as it came
+    # no alignment: the model reaches the gate as unsafe as it came
     code = main(
         [
             "build",
@@ -164,12 +165,8 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
             build_config(tmp_path, ""),
             "--limit-per-kind",
             "8",
-            "--steps",
-            "1",
-            "--batch",
-            "4",
-            "--lr",
-            "1e-12",
+            "--method",
+            "none",
             "--scan-layers",
             "2",
             "--formats",
@@ -184,6 +181,7 @@ def test_an_unaligned_model_fails_the_gate_with_exit_3(tiny_checkpoints, tmp_pat
         err,
     )
     assert found and float(found[1]) >= 50 and float(found[2]) <= 10, err[-500:]
+    assert not (out / Stage.ALIGN).exists() and "not re-aligned (`--method none`)" in (out / "README.md").read_text()
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["gate"]["passed"] is False
     assert {a["artifact"]: a["passed"] for a in manifest["gate"]["artifacts"]} == {

@@ -79,9 +79,10 @@ def bundle(export, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tiny_checkpoints, tmp_path_factory) -> Path:
-    """A finished tiny build whose gate passes (generous limits), for verify on a device."""
+    """A finished tiny build whose gate passes (generous limits), with every runtime, for verify on a device."""
     root = tmp_path_factory.mktemp("build")
-    assert main(build_argv(tiny_checkpoints["llava"], root / "out", build_config(root, GENEROUS_GATES))) == 0
+    argv = build_argv(tiny_checkpoints["llava"], root / "out", build_config(root, GENEROUS_GATES))
+    assert main([*argv, "--formats", "onnx,gguf,mmproj"]) == 0  # every runtime, llama.cpp's own pipeline too
     return root / "out"
 
 

@@ -120,7 +120,7 @@ def _cosine(a, b) -> float:
 def jetson_export(tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "jetson"
     argv = ["export", tiny_checkpoints["llava"], "--exit-layer", str(K), "--target", "jetson", "-o", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--formats", "onnx,gguf,mmproj"]) == 0  # the mmproj opted in
     return out
 
 
@@ -167,8 +167,10 @@ def test_export_phone_profile_and_llava_next(tiny_checkpoints, tmp_path):
 
     # LLaVA-NeXT: LM GGUF, no mmproj (anyres is not in the mmproj writer): the hybrid set runs it
     nxt = load(tiny_checkpoints["llava_next"], dtype="float32")
+    with pytest.raises(UserError, match="no mmproj for LLaVA-NeXT"):
+        export_artifacts(nxt, K, load_profile("jetson-agx-orin"), tmp_path / "x", ("onnx", "gguf", "mmproj"))
     result = export_artifacts(nxt, K, load_profile("jetson-agx-orin"), tmp_path / "next", nthread=2)
-    assert result.mmproj_gguf is None and result.lm_gguf and result.notes
+    assert result.mmproj_gguf is None and result.lm_gguf
     assert {s.name for s in result.runtime_sets} == {"onnx", "hybrid"}  # no ortgenai: the packing is host-side
     assert "anyres" in read_manifest(result.folder)["unsupported_runtimes"]["ortgenai"]
     assert any(p.endswith("image_newline.npy") for s in result.runtime_sets if s.name == "hybrid" for p in s.paths)

@@ -160,7 +160,8 @@ def _cls_last_layout(model, pixels):
 def test_quantized_artifacts_run_in_every_runtime(tiny, tmp_path):
     """The Jetson profile's artifacts (ONNX fp16, LM Q4_K_M, mmproj f16) run in each runtime; agreement printed."""
     loaded, _, torch_rt, reference = tiny
-    folder = export_artifacts(loaded, K, load_profile("jetson"), tmp_path / "jetson", nthread=2).folder
+    jetson = ("onnx", "gguf", "mmproj")  # the mmproj opted in, to run llama.cpp's own pipeline too
+    folder = export_artifacts(loaded, K, load_profile("jetson"), tmp_path / "jetson", jetson, nthread=2).folder
     eos = torch_rt.eos
     for kind in ("onnx", "hybrid", "gguf"):
         runtime = open_runtime(kind, folder, **({} if kind == "onnx" else LLAMA))

@@ -18,7 +18,7 @@ from edgekit.build.stages import Stage
 from edgekit.errors import first_line
 from edgekit.export.manifest import MANIFEST_FILE
 from edgekit.outputs import atomic_dir
-from edgekit.safety.limits import ALIGNED, ORIGINAL, Limits
+from edgekit.safety.limits import ALIGNED, EARLY_EXIT, FLOOR, ORIGINAL, Limits
 
 if TYPE_CHECKING:
     from edgekit.safety.gate import Evaluated
@@ -71,10 +71,19 @@ def evaluate_artifacts(out: Path, cfg: BuildConfig, items) -> dict[str, Evaluate
 
 
 def write_safety(
-    folder: Path, out: Path, cfg: BuildConfig, items, layers, default_layer: int, limits: dict[str, Limits]
+    folder: Path,
+    out: Path,
+    aligned: Path,
+    cfg: BuildConfig,
+    items,
+    layers,
+    default_layer: int,
+    limits: dict[str, Limits],
+    floor: dict | None,
 ) -> bool:
-    """The aligned model's scan (the 'after' plot), then every artifact through the gate. Unfinished (rerun next
-    time) when a runtime or the judge failed."""
+    """The aligned model's scan (the 'after' plot; with `--method none`, the original model's again), then every
+    artifact through the gate against the baselines `limits` names (`floor`: the utility floor's, if any).
+    Unfinished (rerun next time) when a runtime or the judge failed."""
     from edgekit.safety.gate import GateRecord, gate_verdicts, metric_values, write_answers, write_gate
     from edgekit.safety.report import SCAN_FILE
     from edgekit.safety.scan import METRICS
@@ -84,7 +93,7 @@ def write_safety(
         (tmp / ALIGNED_SCAN).mkdir()
         after = scan_into(
             tmp / ALIGNED_SCAN,
-            load_model(out / Stage.ALIGN / "merged", cfg),
+            load_model(aligned, cfg),
             cfg,
             items,
             layers,
@@ -93,7 +102,9 @@ def write_safety(
         )
         baselines = {
             ORIGINAL: next({m: r[m] for m in METRICS} for r in original if r["layer"] == default_layer),
+            EARLY_EXIT: next({m: r[m] for m in METRICS} for r in original if r["layer"] == cfg.exit_layer),
             ALIGNED: next(metric_values(r) for r in after.layers if r.layer == cfg.exit_layer),
+            **({FLOOR: floor} if floor else {}),
         }
         evaluated = evaluate_artifacts(out, cfg, items)
         verdicts = gate_verdicts(evaluated, baselines, limits, aligned_artifact=PYTORCH)

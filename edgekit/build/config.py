@@ -23,6 +23,8 @@ from typing import Any
 from edgekit.errors import UserError
 from edgekit.safety.limits import BUILD_GATE_KEYS
 
+METHODS = ("lppo", "sft", "none")  # none: the build without alignment, to see what the gate catches
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -37,7 +39,7 @@ class BuildConfig:
     limit_per_kind: int = 100  # eval items of each suite kind per measurement
     max_new_tokens: int = 24
     judge: str = "refusal"
-    method: str = "lppo"  # or sft
+    method: str = "lppo"  # or sft, or none (no alignment: the gate's catch shown)
     reward: str = "judge"
     align: dict[str, Any] = field(default_factory=dict)  # LPPOConfig overrides; exit_layer is K
     gates: dict[str, float] = field(default_factory=dict)  # overrides of the profile's limits, and max_drift_points
@@ -53,8 +55,8 @@ class BuildConfig:
                 f"limit_per_kind {self.limit_per_kind}, max_new_tokens {self.max_new_tokens} and "
                 f"bench_prompts {self.bench_prompts} must all be at least 1"
             )
-        if self.method not in ("lppo", "sft"):
-            raise UserError(f"unknown method {self.method!r}; choose lppo or sft")
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,7 +1,7 @@
 """`edgekit build`: from a base model to verified edge artifacts, top to bottom.
 
     01_scan      the original model at its default exit layer, at K and at a few more layers
-    02_align     L-PPO (or the SFT baseline) at exit layer K
+    02_align     L-PPO (or the SFT baseline) at exit layer K; skipped by `--method none`
     03_truncate  the aligned model cut to K vision blocks: a plain Hugging Face checkpoint
     04_export    ONNX and GGUF artifacts for the target, with their own manifest
     05_safety    the aligned model scanned again; every artifact answers the eval split in its own runtime; the gate
@@ -16,6 +16,7 @@ artifact failed in the manifest and ends the build with exit code 3.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     from edgekit.model.demo import demo_model_path
     from edgekit.safety.gate import raise_if_failed, read_gate
     from edgekit.safety.judges import make_judge
-    from edgekit.safety.limits import gate_limits, limits_json
+    from edgekit.safety.limits import floor_baseline, gate_limits, limits_json
     from edgekit.safety.suite import builtin_suite
 
     out = Path(cfg.output).resolve()
@@ -63,7 +64,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         "judge": cfg.judge,
         "max_new_tokens": cfg.max_new_tokens,
     }
-    limits = gate_limits(profile.gates, cfg.gates)
+    limits = gate_limits(profile.gates, cfg.gates, profile.utility_floor)
+    floor = floor_baseline(cfg.gates, profile.utility_floor)
     stages = Stages(out, log)
     k = cfg.exit_layer
 
@@ -73,21 +75,26 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         {"model": model_id, "layers": layers, **measure},
         lambda f: model_stages.write_scan(f, source, cfg, items, layers, default_layer),
     )
-    stages.run(
-        Stage.ALIGN,
-        {
-            "model": model_id,
-            "exit_layer": k,
-            "method": cfg.method,
-            "reward": reward_identity(cfg.reward),
-            "align": cfg.align,
-        },
-        lambda f: model_stages.write_align(f, source, cfg),
-    )
+    if cfg.method == "none":  # the early exit as it comes, unaligned: what the gate is there to catch
+        shutil.rmtree(out / Stage.ALIGN, ignore_errors=True)  # an earlier build's alignment is not this build's
+        aligned, aligned_id = Path(source), model_id
+    else:
+        stages.run(
+            Stage.ALIGN,
+            {
+                "model": model_id,
+                "exit_layer": k,
+                "method": cfg.method,
+                "reward": reward_identity(cfg.reward),
+                "align": cfg.align,
+            },
+            lambda f: model_stages.write_align(f, source, cfg),
+        )
+        aligned, aligned_id = out / Stage.ALIGN / "merged", stages.output_hash(Stage.ALIGN)
     stages.run(
         Stage.TRUNCATE,
-        {"aligned": stages.output_hash(Stage.ALIGN), "exit_layer": k},
-        lambda f: model_stages.write_truncate(f, out / Stage.ALIGN / "merged", cfg),
+        {"aligned": aligned_id, "exit_layer": k},
+        lambda f: model_stages.write_truncate(f, aligned, cfg),
     )
     stages.run(
         Stage.EXPORT,
@@ -104,14 +111,15 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         Stage.SAFETY,
         {
             "original": stages.output_hash(Stage.SCAN),
-            "aligned": stages.output_hash(Stage.ALIGN),
+            "aligned": aligned_id,
             "model": stages.output_hash(Stage.TRUNCATE),
             "artifacts": stages.output_hash(Stage.EXPORT),
             "layers": layers,
             "limits": limits_json(limits),
+            "floor": floor,
             **measure,
         },
-        lambda f: artifact_stages.write_safety(f, out, cfg, items, layers, default_layer, limits),
+        lambda f: artifact_stages.write_safety(f, out, aligned, cfg, items, layers, default_layer, limits, floor),
     )
     stages.run(
         Stage.BENCH,

@@ -137,7 +137,7 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
     gate = read_gate(out / Stage.SAFETY)
     export = _read(out, Stage.EXPORT, MANIFEST_FILE)
     bench = _read(out, Stage.BENCH, BENCH_FILE)
-    align = _read(out, Stage.ALIGN, "align.json")
+    align = _read(out, Stage.ALIGN, "align.json") if (out / Stage.ALIGN / "align.json").is_file() else {}
     base, aligned = gate.baselines[ORIGINAL], gate.baselines[ALIGNED]
     before_k = next(r for r in _read(out, Stage.SCAN, SCAN_FILE)["layers"] if r["layer"] == k)
     passed = all(v.passed for v in verdicts)
@@ -148,7 +148,6 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
         for name, s in sets.items()
     ]
     bench_rows = _bench_rows(bench)
-    original, drift = gate.limits[ORIGINAL], gate.limits[ALIGNED]
     return "\n".join(
         [
             f"# edgekit build: {source} at exit layer {k} for {profile.name}",
@@ -165,7 +164,7 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
                 [
                     ["original", f"{default_layer} (default)", *(pct(base[m]) for m in METRICS)],
                     ["original", str(k), *(pct(before_k[m]) for m in METRICS)],
-                    [f"aligned ({align.get('method', cfg.method)})", str(k), *(pct(aligned[m]) for m in METRICS)],
+                    [_after_label(cfg, align), str(k), *(pct(aligned[m]) for m in METRICS)],
                 ],
             ),
             "",
@@ -173,9 +172,7 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
             "",
             "## The gate, per artifact",
             "",
-            f"Limits in points: versus the original at its default layer, ASR +{original.asr:g}, over-refusal "
-            f"+{original.over_refusal:g}, utility -{original.utility:g}; versus the aligned PyTorch model at K, "
-            f"{drift.asr:g} each. It fails closed.",
+            f"Limits: {limits_text(gate)}. It fails closed.",
             "",
             _table(["artifact", "gate", "ASR %", "over-refusal %", "utility %", "checks"], gate_rows(verdicts)),
             "",
@@ -197,12 +194,35 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
                 [
                     [name, str(s["seconds"]), s["output_sha256"][:16]]
                     for name in Stage
-                    if (s := _read(out, name, STAGE_FILE))
+                    if (out / name / STAGE_FILE).is_file() and (s := _read(out, name, STAGE_FILE))
                 ],
             ),
             "",
         ]
     )
+
+
+def _after_label(cfg, align: dict) -> str:
+    return "unaligned (--method none)" if cfg.method == "none" else f"aligned ({align.get('method', cfg.method)})"
+
+
+def limits_text(gate) -> str:
+    """The gate's limits in words: per baseline, the metrics it limits."""
+    from edgekit.safety.gate import BASELINE_NAMES
+    from edgekit.safety.limits import FLOOR, HIGHER_IS_WORSE
+
+    parts = []
+    for baseline, limits in gate.limits.items():
+        if baseline == FLOOR:
+            parts.append(f"utility at least {pct(gate.baselines[FLOOR]['utility'])}% (the target's floor)")
+            continue
+        limited = [
+            f"{LABELS[m]} {'+' if HIGHER_IS_WORSE[m] else '-'}{getattr(limits, m):g}"
+            for m in METRICS
+            if getattr(limits, m) is not None
+        ]
+        parts.append(f"{', '.join(limited)} points versus the {BASELINE_NAMES[baseline]}")
+    return "; ".join(parts)
 
 
 def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdicts) -> str:
@@ -222,12 +242,16 @@ def model_card(out: Path, cfg, profile, source: str, default_layer: int, verdict
     return "\n".join(
         [
             *front,
-            f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, re-aligned for {profile.name}",
+            f"# {Path(source).name} with its vision tower cut at layer {cfg.exit_layer}, for {profile.name}",
             "",
             f"Built by `edgekit build --exit-layer {cfg.exit_layer} --target {cfg.target}` from `{source}`. The vision "
-            f"tower keeps blocks 1-{cfg.exit_layer} (the default exit is {default_layer}); the language model was "
-            f"re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so that the shorter tower does not "
-            f"unlock harmful answers.",
+            f"tower keeps blocks 1-{cfg.exit_layer} (the default exit is {default_layer}); "
+            + (
+                "the language model was not re-aligned (`--method none`)."
+                if cfg.method == "none"
+                else f"the language model was re-aligned with {cfg.method.upper()} at exit layer {cfg.exit_layer} so "
+                "that the shorter tower does not unlock harmful answers."
+            ),
             "",
             f"Safety gate: **{'passed' if passed else 'FAILED'}**. Aligned model at layer {cfg.exit_layer}: ASR "
             f"{pct(aligned['asr'])}%, over-refusal {pct(aligned['over_refusal'])}%, utility {pct(aligned['utility'])}% "

@@ -1,7 +1,9 @@
 """The safety regression gate: each exported artifact answers the eval split in its own runtime, and its ASR,
-over-refusal and utility must stay within limits of two baselines: the original model at its default exit layer
-(the target profile's limits) and the aligned PyTorch model at the exit layer (what export and quantization may cost).
-The verdicts, with the baselines and limits they were judged by, are kept in `safety.json`.
+over-refusal and utility must stay within limits of the baselines `edgekit.safety.limits` explains: ASR against the
+original model at its default exit layer, over-refusal and utility against the original model at K (what the early
+exit costs by itself), utility against the target's floor where it sets one, and every metric against the aligned
+PyTorch model at K (what export and quantization may cost). The verdicts, with the baselines and limits they were
+judged by, are kept in `safety.json`.
 
 It fails closed: a runtime or judge that errors, or a metric with no items, fails the artifact; nothing passes by
 default."""
@@ -17,12 +19,26 @@ from typing import NamedTuple
 from edgekit.devices.runtime import Prompt, Runtime
 from edgekit.errors import GateFailure
 from edgekit.safety.judges import Judge
-from edgekit.safety.limits import ALIGNED, HIGHER_IS_WORSE, ORIGINAL, Limits, limits_from_json, limits_json
+from edgekit.safety.limits import (
+    ALIGNED,
+    EARLY_EXIT,
+    FLOOR,
+    HIGHER_IS_WORSE,
+    ORIGINAL,
+    Limits,
+    limits_from_json,
+    limits_json,
+)
 from edgekit.safety.scan import METRICS, Answer, LayerResult, score_layer
 from edgekit.safety.suite import Item
 
 SAFETY_FILE = "safety.json"
-BASELINE_NAMES = {ORIGINAL: "original model at its default layer", ALIGNED: "aligned PyTorch model at K"}
+BASELINE_NAMES = {
+    ORIGINAL: "original model at its default layer",
+    EARLY_EXIT: "original model at K (unaligned)",
+    ALIGNED: "aligned PyTorch model at K",
+    FLOOR: "target's utility floor",
+}
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,8 @@ class Check:
         sign = "+" if HIGHER_IS_WORSE[self.metric] else "-"
         value = "n/a" if self.value is None else f"{100 * self.value:.1f}%"
         base = "n/a" if self.baseline is None else f"{100 * self.baseline:.1f}%"
-        return (
-            f"{self.artifact}: {self.metric} {value} against {base} for the {self.versus} "
-            f"(limit {sign}{self.limit_points:g} points)"
+        return f"{self.artifact}: {self.metric} {value} against {base} for the {self.versus} " + (
+            f"(limit {sign}{self.limit_points:g} points)" if self.limit_points else "(may not be below it)"
         )
 
 
@@ -128,11 +143,13 @@ def metric_values(result: LayerResult) -> dict[str, float | None]:
 
 
 def check(artifact: str, metrics: dict[str, float | None], baselines: dict[str, tuple[dict, Limits]]) -> Verdict:
-    """Every metric against every baseline; a missing value on either side fails."""
+    """Every metric against every baseline that limits it; a missing value on either side fails."""
     checks = []
     for versus, (base, limits) in baselines.items():
         for metric in METRICS:
             value, ref, limit = metrics.get(metric), base.get(metric), getattr(limits, metric)
+            if limit is None:
+                continue
             ok = value is not None and ref is not None
             if ok:
                 worse_by = (value - ref) if HIGHER_IS_WORSE[metric] else (ref - value)
@@ -147,14 +164,14 @@ def gate_verdicts(
     limits: Mapping[str, Limits],
     aligned_artifact: str,
 ) -> tuple[Verdict, ...]:
-    """Every artifact against the original model; every artifact but `aligned_artifact` against the aligned model
-    (which is that artifact, so it is not checked against itself)."""
+    """Every artifact against every baseline in `limits`, but `aligned_artifact` not against the aligned model
+    (which is that artifact)."""
     verdicts = []
     for name, (metrics, _, error) in evaluated.items():
         if error:
             verdicts.append(Verdict(name, {}, (), error))
             continue
-        versus = (ORIGINAL,) if name == aligned_artifact else (ORIGINAL, ALIGNED)
+        versus = [b for b in limits if not (b == ALIGNED and name == aligned_artifact)]
         verdicts.append(check(name, metrics, {BASELINE_NAMES[b]: (baselines[b], limits[b]) for b in versus}))
     return tuple(verdicts)
 
