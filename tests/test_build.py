@@ -84,6 +84,20 @@ def test_rerun_reuses_finished_stages_and_verify_passes(built, tiny_checkpoints,
     assert main(["verify", str(built)]) == 0
 
 
+def test_new_artifacts_drop_the_results_devices_gave_for_the_old(built, tiny_checkpoints, tmp_path):
+    """Results in devices/ describe the artifacts a device ran: a rerun that keeps the export keeps them, one that
+    exports again removes them."""
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    (out / "devices" / "local").mkdir(parents=True)
+    (out / "devices" / "local" / "device.json").write_text("{}")
+    config = str(built.parent / "build.toml")
+    assert main(build_argv(tiny_checkpoints["llava"], out, config)) == 0
+    assert (out / "devices" / "local" / "device.json").is_file()
+    assert main([*build_argv(tiny_checkpoints["llava"], out, config), "--formats", "onnx"]) == 0
+    assert not (out / "devices").exists()
+
+
 def test_a_rerun_that_fails_early_does_not_print_the_previous_report(built, tiny_checkpoints, capsys):
     assert main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "25", "-o", str(built)]) == 2
     out, err = capsys.readouterr()

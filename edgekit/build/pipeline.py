@@ -38,6 +38,7 @@ class BuildResult:
 def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     from edgekit.align.rewards import reward_identity
     from edgekit.build import artifact_stages, model_stages
+    from edgekit.build.devices import DEVICES_DIR
     from edgekit.build.report import write_report
     from edgekit.devices.profiles import load_profile
     from edgekit.model.demo import demo_model_path
@@ -107,6 +108,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         },
         lambda f: model_stages.write_export(f, out / Stage.TRUNCATE, cfg, profile),
     )
+    if Stage.EXPORT not in stages.reused:  # results from devices measured artifacts that are gone
+        shutil.rmtree(out / DEVICES_DIR, ignore_errors=True)
     stages.run(
         Stage.SAFETY,
         {

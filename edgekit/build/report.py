@@ -12,8 +12,8 @@ from pathlib import Path
 from edgekit.build.artifact_stages import ALIGNED_SCAN, BENCH_FILE
 from edgekit.build.stages import STAGE_FILE, Stage
 from edgekit.export.manifest import MANIFEST_FILE
-from edgekit.safety.gate import SAFETY_FILE, read_gate
-from edgekit.safety.limits import ALIGNED, ORIGINAL
+from edgekit.safety.gate import BASELINE_NAMES, SAFETY_FILE, read_gate
+from edgekit.safety.limits import ALIGNED, EARLY_EXIT, FLOOR, ORIGINAL
 from edgekit.safety.report import LABELS, SCAN_FILE, pct
 from edgekit.safety.scan import METRICS
 from edgekit.units import human_bytes
@@ -45,13 +45,21 @@ def plot_before_after(before: list[dict], after: list[dict], exit_layer: int, de
     plt.close(fig)
 
 
+SHORT_NAMES = {
+    BASELINE_NAMES[ORIGINAL]: "default layer",
+    BASELINE_NAMES[EARLY_EXIT]: "unaligned at K",
+    BASELINE_NAMES[ALIGNED]: "aligned at K",
+    BASELINE_NAMES[FLOOR]: "floor",
+}
+
+
 def gate_rows(verdicts) -> list[list[str]]:
     rows = []
     for v in verdicts:
         if v.error:
             rows.append([v.artifact, "FAIL", "-", "-", "-", v.error])
             continue
-        failed = [f"{c.metric} vs {c.versus.split(' ')[0]}" for c in v.checks if not c.passed]
+        failed = [f"{c.metric} vs {SHORT_NAMES.get(c.versus, c.versus)}" for c in v.checks if not c.passed]
         rows.append(
             [
                 v.artifact,
@@ -208,8 +216,7 @@ def _after_label(cfg, align: dict) -> str:
 
 def limits_text(gate) -> str:
     """The gate's limits in words: per baseline, the metrics it limits."""
-    from edgekit.safety.gate import BASELINE_NAMES
-    from edgekit.safety.limits import FLOOR, HIGHER_IS_WORSE
+    from edgekit.safety.limits import HIGHER_IS_WORSE
 
     parts = []
     for baseline, limits in gate.limits.items():
