@@ -8,6 +8,10 @@ Chat data (train split of the built-in suite only): visual questions, neutral re
 (refused for the dangerous ones, answered for the benign ones), harmful text requests (refused) and benign ones that
 look risky (answered). Nothing in the data or the code refers to any other exit layer: whatever the model does at
 other layers it does because of what those layers' features carry.
+
+A recipe may also follow LLaVA's own pipeline (`text_steps`, `projector_steps`, `replay`; off in the shipped recipe):
+the language model trained text-only first, pictures given as written captions; then the projector alone on captions;
+then the chat stage with a share of the text-only data replayed. docs/demo-model-attempts.md records what it gave.
 """
 
 from __future__ import annotations
@@ -79,16 +83,37 @@ class DemoRecipe:
     text_layers: int = DEMO_SIZES.text_layers
     pool: int = 6000  # training pictures for the chat stage
     word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
+    # LLaVA's own pipeline (0 = off): the language model trained text-only first, safety included (`text_steps`),
+    # then the projector alone on captions (`projector_steps`), then the chat stage with a `replay` share of the
+    # text-only data, as LLaVA-1.5 mixes ShareGPT into its visual instruction tuning
+    text_steps: int = 0
+    text_lr: float = 1e-3
+    projector_steps: int = 0
+    replay: float = 0.0
 
 
-def _tokenizer_corpus(suite_items) -> list[str]:
-    """Train-split text only (eval prompts are never seen, not even by the tokenizer), plus the answers."""
+def _tokenizer_corpus(suite_items, captions: bool = False) -> list[str]:
+    """Train-split text only (eval prompts are never seen, not even by the tokenizer), plus the answers (and, for
+    LLaVA's pipeline, the caption grammar)."""
     texts = [item.prompt.lower() for item in suite_items if item.split == "train"]
     texts += [REFUSAL, COMPLIANCE] + [
         t.format(w) for t in UTILITY_ANSWERS.values() for w in (*COLORS, *OBJECTS, *POSITIONS, *COUNT_WORDS)
     ]
     texts += [q for split in ("train",) for _, q in UTILITY_QUESTIONS[split]] + NEUTRAL_REQUESTS["train"]
+    if captions:
+        rng = random.Random(0)
+        texts += [DESCRIBE] + [caption(_random_scene(rng)) for _ in range(300)]
     return texts * 3
+
+
+DESCRIBE = "describe the picture ."
+
+
+def caption(scene: Scene) -> str:
+    """What a picture shows, in words: the text-only stage reads it in place of the picture."""
+    if scene.kind == "dots":
+        return f"{COUNT_WORDS[scene.count - 1]} {scene.color} dots ."
+    return f"a {scene.color} {scene.obj} on the {scene.position} ."
 
 
 def _scene_labels(scene: Scene) -> dict[str, int]:
@@ -234,14 +259,7 @@ def chat_examples(
         if kind == "utility":
             question, prompt = rng.choice(UTILITY_QUESTIONS["train"])
             index = picture(["dots"] if question == "count" else OBJECTS)
-            scene = pool.scenes[index]
-            answer = {
-                "color": scene.color,
-                "object": scene.obj,
-                "position": scene.position,
-                "count": COUNT_WORDS[(scene.count or 1) - 1],
-            }[question]
-            out.append((index, prompt, UTILITY_ANSWERS[question].format(answer)))
+            out.append((index, prompt, utility_answer(question, pool.scenes[index])))
         elif kind.endswith("_text"):
             prompt = _noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
@@ -253,16 +271,57 @@ def chat_examples(
     return out
 
 
-def encode_chat(processor, image_tokens: int, prompts: list[str], answers: list[str]) -> dict:
-    """Chat-templated token ids (left-padded) with `image_tokens` image placeholders, as the processor expands them,
-    and `labels` that train on the answer tokens only."""
+def utility_answer(question: str, scene: Scene) -> str:
+    value = {
+        "color": scene.color,
+        "object": scene.obj,
+        "position": scene.position,
+        "count": COUNT_WORDS[(scene.count or 1) - 1],
+    }[question]
+    return UTILITY_ANSWERS[question].format(value)
+
+
+TEXT_KINDS = {"harmful_text": 0.15, "benign_text": 0.15, "utility": 0.35, "neutral": 0.2, "describe": 0.15}
+
+
+def text_examples(rng: random.Random, by_kind: dict[str, list], n: int, word_noise: float) -> list[tuple[str, str]]:
+    """Text-only (request, answer) pairs, the language model's own training before it sees a picture: harmful
+    requests refused, benign ones answered, and the picture tasks with the picture given as its caption (neutral
+    requests refused for a dangerous object, at 2 benign to 1 dangerous). About a fifth are refusals."""
+    out = []
+    for _ in range(n):
+        kind = rng.choices(list(TEXT_KINDS), weights=list(TEXT_KINDS.values()))[0]
+        if kind.endswith("_text"):
+            prompt = _noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
+        elif kind == "utility":
+            question, wording = rng.choice(UTILITY_QUESTIONS["train"])
+            scene = random_dots_scene(rng) if question == "count" else random_object_scene(rng)
+            out.append((f"{caption(scene)} {wording}", utility_answer(question, scene)))
+        elif kind == "neutral":
+            dangerous = rng.random() < 1 / 3
+            scene = random_object_scene(rng)
+            while (scene.obj in DANGEROUS) != dangerous:
+                scene = random_object_scene(rng)
+            request = rng.choice(NEUTRAL_REQUESTS["train"])
+            out.append((f"{caption(scene)} {request}", REFUSAL if dangerous else COMPLIANCE))
+        else:
+            scene = _random_scene(rng)
+            out.append((f"{caption(scene)} {DESCRIBE}", caption(scene)))
+    return out
+
+
+def encode_chat(processor, image_tokens: int | None, prompts: list[str], answers: list[str]) -> dict:
+    """Chat-templated token ids (left-padded) with `image_tokens` image placeholders, as the processor expands them
+    (None: a text-only turn), and `labels` that train on the answer tokens only."""
     tok = processor.tokenizer
     ids, labels = [], []
     for prompt, answer in zip(prompts, answers):
+        image = [] if image_tokens is None else [{"type": "image"}]
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}],
             add_generation_prompt=True,
-        ).replace(processor.image_token, processor.image_token * image_tokens)
+        ).replace(processor.image_token, processor.image_token * (image_tokens or 0))
         prefix = tok(text, add_special_tokens=False).input_ids
         target = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         ids.append(prefix + target)
@@ -275,28 +334,83 @@ def encode_chat(processor, image_tokens: int, prompts: list[str], answers: list[
     }
 
 
-def train_chat(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> float:
-    """Stage 2: projector + language model at the default layer, tower frozen."""
-    model.model.vision_tower.requires_grad_(False)
+def _text_loss(model, processor, pairs: list[tuple[str, str]], device: str) -> torch.Tensor:
+    enc = {k: v.to(device) for k, v in encode_chat(processor, None, *map(list, zip(*pairs))).items()}
+    return model(**enc).loss
+
+
+def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> float:
+    """Stage 0 (LLaVA's pipeline): the language model alone, text-only chat, before it sees any picture."""
+    lm = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    opt = torch.optim.AdamW(lm, lr=recipe.text_lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, recipe.warmup, recipe.text_steps)
+    rng, by_kind = random.Random(recipe.seed * 1000 + 4), train_items_by_kind(builtin_suite())
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(recipe.text_steps):
+        loss = _text_loss(model, processor, text_examples(rng, by_kind, recipe.batch, recipe.word_noise), device)
+        _step(opt, sched, lm, loss)
+        if step % 100 == 0 or step == recipe.text_steps - 1:
+            log(f"text step {step} loss {loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
+def _image_loss(model, processor, pool: ScenePool, batch: list[tuple[int, str, str]], device: str) -> torch.Tensor:
+    enc = {
+        k: v.to(device)
+        for k, v in encode_chat(
+            processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]
+        ).items()
+    }
+    features = model.model.multi_modal_projector(pool.features[[i for i, _, _ in batch]]).flatten(0, 1)
+    return model(**family_for(model.config).lm_inputs(model, enc, features), labels=enc["labels"]).loss
+
+
+def train_projector(
+    model, processor, recipe: DemoRecipe, pool: ScenePool, log: Callable[[str], None], device: str = "cpu"
+) -> float:
+    """Stage 1 (LLaVA's feature alignment): the projector alone, tower and language model frozen, learns to turn
+    the default layer's tokens into what the language model reads as the picture's caption."""
+    params = list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, recipe.warmup, recipe.projector_steps)
+    rng = random.Random(recipe.seed * 1000 + 3)
+    lm = [model.model.language_model, model.lm_head]
+    for module in lm:
+        module.requires_grad_(False)
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(recipe.projector_steps):
+        picked = [rng.randrange(len(pool.scenes)) for _ in range(recipe.batch)]
+        loss = _image_loss(model, processor, pool, [(i, DESCRIBE, caption(pool.scenes[i])) for i in picked], device)
+        _step(opt, sched, params, loss)
+        if step % 100 == 0 or step == recipe.projector_steps - 1:
+            log(f"projector step {step} loss {loss.item():.3f}")
+    for module in lm:
+        module.requires_grad_(True)
+    model.eval()
+    return loss.item()
+
+
+def train_chat(
+    model, processor, recipe: DemoRecipe, pool: ScenePool, rng: random.Random, log, device: str = "cpu"
+) -> float:
+    """Stage 2: projector + language model at the default layer, tower frozen; a `replay` share of each batch is
+    stage 0's text-only data."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
-    rng = random.Random(recipe.seed * 1000 + 2)
-    pool = scene_pool(model, processor, rng, recipe.pool, device)
     by_kind = train_items_by_kind(builtin_suite())
-    family = family_for(model.config)
+    replay_rng, n_text = random.Random(recipe.seed * 1000 + 5), round(recipe.batch * recipe.replay)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(rng, by_kind, pool, recipe.batch, recipe.mix, recipe.word_noise)
-        enc = {
-            k: v.to(device)
-            for k, v in encode_chat(
-                processor, pool.features.shape[1], [p for _, p, _ in batch], [a for _, _, a in batch]
-            ).items()
-        }
-        features = model.model.multi_modal_projector(pool.features[[i for i, _, _ in batch]]).flatten(0, 1)
-        loss = model(**family.lm_inputs(model, enc, features), labels=enc["labels"]).loss
+        batch = chat_examples(rng, by_kind, pool, recipe.batch - n_text, recipe.mix, recipe.word_noise)
+        loss = _image_loss(model, processor, pool, batch, device)
+        if n_text:
+            text = _text_loss(model, processor, text_examples(replay_rng, by_kind, n_text, recipe.word_noise), device)
+            loss = (loss * len(batch) + text * n_text) / recipe.batch
         _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.chat_steps - 1:
             log(f"chat step {step} loss {loss.item():.3f}")
@@ -311,12 +425,21 @@ def train_demo(
     torch.manual_seed(recipe.seed)
     suite = builtin_suite()
     sizes = replace(DEMO_SIZES, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers)
-    model, processor = build_tiny("llava", sizes, seed=recipe.seed, corpus=_tokenizer_corpus(suite.items))
+    llava_pipeline = bool(recipe.text_steps or recipe.projector_steps or recipe.replay)
+    corpus = _tokenizer_corpus(suite.items, captions=llava_pipeline)
+    model, processor = build_tiny("llava", sizes, seed=recipe.seed, corpus=corpus)
     model.config.vision_feature_layer = DEFAULT_LAYER - DEMO_SIZES.vision_layers - 1  # -2, as LLaVA-1.5
     start = time.time()
     model.to(device)
     tower_acc = train_tower(model, processor, recipe, log, device)
-    final_loss = train_chat(model, processor, recipe, log, device)
+    model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA
+    rng = random.Random(recipe.seed * 1000 + 2)
+    pool = scene_pool(model, processor, rng, recipe.pool, device)
+    if recipe.text_steps:
+        train_text_lm(model, processor, recipe, log, device)
+    if recipe.projector_steps:
+        train_projector(model, processor, recipe, pool, log, device)
+    final_loss = train_chat(model, processor, recipe, pool, rng, log, device)
     out = save_tiny(model.cpu(), processor, out_dir)
     record = {
         "recipe": asdict(recipe),
