@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,34 @@ def test_bad_model_paths(capsys, tmp_path, unsupported_model):
     (unsupported_model / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
     code, _, err = _run(capsys, "truncate", str(unsupported_model), "--exit-layer", "3", "-o", str(out))
     _assert_one_line_error(code, err, "'not_a_model'", "supported families")
+    assert not out.exists()
+
+
+def test_cut_missing_or_corrupt_weight_files(capsys, tiny_checkpoints, tmp_path):
+    """A partial download is one line naming the file, before any weight is read; a whole sharded copy loads."""
+    sharded = tmp_path / "sharded"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints["llava"])
+    model.save_pretrained(sharded, max_shard_size="600KB")
+    for name in Path(tiny_checkpoints["llava"]).iterdir():
+        if not name.name.startswith("model") and name.name != "config.json":
+            shutil.copy(name, sharded / name.name)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    argv = ("truncate", str(sharded), "--exit-layer", "3", "-o", str(out))
+    assert _run(capsys, *argv)[0] == 0
+    shutil.rmtree(out)
+
+    whole = shards[-1].read_bytes()
+    shards[-1].write_bytes(whole[: len(whole) // 2])
+    code, _, err = _run(capsys, *argv)
+    _assert_one_line_error(code, err, shards[-1].name, "cut short or corrupt")
+    shards[-1].write_bytes(b"\xff" * 64)
+    code, _, err = _run(capsys, *argv)
+    _assert_one_line_error(code, err, shards[-1].name, "not a readable safetensors file")
+    shards[-1].unlink()
+    code, _, err = _run(capsys, *argv)
+    _assert_one_line_error(code, err, shards[-1].name, "missing")
     assert not out.exists()
 
 

@@ -40,6 +40,49 @@ def resolve_source(source: str | Path) -> str:
     raise UserError(f"{source}: no such folder, and not a hub id of the form owner/name")
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_bytes(path: Path) -> int:
+    """The size a safetensors file must have, from its own header: 8 bytes of header length, the JSON header, then
+    the data up to the furthest tensor's end offset. ValueError when the header itself is unreadable."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > path.stat().st_size:
+            raise ValueError("its header runs past the end of the file")
+        header = json.loads(f.read(length))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + length + max(ends, default=0)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file a local checkpoint names is there and whole, before any is read: a cut or corrupt file
+    (an interrupted download of a 14 GB model is common) is one line naming it, not a library's traceback."""
+    from edgekit.units import human_bytes
+
+    index = folder / SAFETENSORS_INDEX
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{index}: not a valid safetensors index ({first_line(err)})") from None
+    for path in [folder / name for name in names] if names is not None else sorted(folder.glob("*.safetensors")):
+        if not path.is_file():
+            raise UserError(f"{path}: missing, though {index.name} names it (an interrupted download?)")
+        try:
+            expected = safetensors_bytes(path)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
+            raise UserError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+        size = path.stat().st_size
+        if size != expected:
+            raise UserError(
+                f"{path}: {human_bytes(size)} where its header says {human_bytes(expected)}: cut short or corrupt "
+                "(download it again)"
+            )
+
+
 def load_config(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None):
     """The model's config (no weights), with its family checked."""
     from transformers import AutoConfig
@@ -74,6 +117,8 @@ def load(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = load_config(source, trust_remote_code=trust_remote_code, revision=revision)
     resolved = resolve_source(source)
+    if Path(resolved).is_dir():
+        check_weight_files(Path(resolved))
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             resolved,
