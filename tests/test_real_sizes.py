@@ -1,0 +1,47 @@
+"""Checkpoints at the published dimensions (edgekit.model.real_sizes): the parameter counts of the real models, the
+tensor names save_pretrained writes, and a sharded write that loads and truncates like a hub download."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from edgekit.cli import main
+from edgekit.model.loading import SAFETENSORS_INDEX, check_weight_files
+from edgekit.model.real_sizes import REAL_MODELS, real_config, tensor_layout, write_real_checkpoint
+
+# The parameter counts of the hub repos (llava-hf/llava-1.5-7b-hf 7.06B, llava-hf/llava-v1.6-mistral-7b-hf 7.57B,
+# meta-llama/Llama-3.2-11B-Vision-Instruct 10.7B)
+PUBLISHED = {"llava-1.5-7b": 7.06e9, "llava-v1.6-mistral-7b": 7.57e9, "llama-3.2-11b-vision": 10.67e9}
+
+
+def _shape_of_names(names) -> set[str]:
+    return {re.sub(r"\.\d+\.", ".N.", name) for name in names}
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_layout_has_the_published_size_and_the_saved_names(name, tiny_checkpoints):
+    config, _ = real_config(name)
+    layout = tensor_layout(config)
+    params = sum(int(torch.Size(shape).numel()) for _, shape in layout)
+    assert abs(params - PUBLISHED[name]) / PUBLISHED[name] < 0.005, params
+    tiny = tiny_checkpoints[REAL_MODELS[name].family]
+    with safe_open(f"{tiny}/model.safetensors", "pt") as f:
+        saved = list(f.keys())
+    assert _shape_of_names(n for n, _ in layout) == _shape_of_names(saved)
+
+
+def test_a_sharded_write_loads_and_truncates(tmp_path, capsys):
+    out = write_real_checkpoint("llava-1.5-7b", tmp_path / "llava", lm_layers=1, shard_bytes=300_000_000, log=print)
+    index = json.loads((out / SAFETENSORS_INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    check_weight_files(out)  # every shard whole, by its own header
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 4096 and config["vision_config"]["image_size"] == 336
+    assert main(["truncate", str(out), "--exit-layer", "12", "-o", str(tmp_path / "cut"), "--dtype", "float16"]) == 0
+    assert "vision tower cut to 12 of 24 blocks" in capsys.readouterr().out
