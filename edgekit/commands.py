@@ -133,7 +133,7 @@ def cmd_export(args) -> None:
     formats = parse_formats(args.formats) if args.formats else profile.formats
     check_output_dir(args.output, args.overwrite)
     config, family, _ = preflight(args, exit_layer=args.exit_layer)
-    check_request(family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization)
+    check_request(family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization, config)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     result = export_artifacts(
         _load(args),

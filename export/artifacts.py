@@ -87,6 +87,29 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+PROTOBUF_LIMIT = 2**31  # bytes: one ONNX graph is one protobuf message, which cannot pass 2 GiB
+
+
+def check_onnx_size(config) -> None:
+    """The language model's ONNX graph, exported in float32 before any quantization, must fit in one protobuf
+    message: edgekit's exporter writes no external data yet. Checked from the config (the model on the meta device),
+    so a 7B model is refused in seconds instead of after minutes of tracing."""
+    import torch
+
+    from edgekit.model.families import text_config
+    from edgekit.model.sizes import model_sizes
+
+    language = next(p for p in model_sizes(config, dtype=torch.float32).parts if p.name == "language model")
+    text = text_config(config)
+    decoder = language.bytes - 4 * text.vocab_size * text.hidden_size  # the embedding table is a graph of its own
+    if decoder >= PROTOBUF_LIMIT:
+        raise UserError(
+            f"the language model's ONNX graph would hold about {human_bytes(decoder, 'decimal')} of float32 weights, "
+            "past protobuf's 2 GiB for one graph, and edgekit writes no ONNX external data yet: export this model "
+            "with --formats gguf"
+        )
+
+
 def check_request(
     family,
     num_layers: int,
@@ -94,8 +117,10 @@ def check_request(
     profile: TargetProfile,
     formats: Sequence[str],
     onnx_quantization: str | None = None,
+    config=None,
 ) -> str:
-    """Everything about an export request that can be checked before loading weights; returns the ONNX scheme."""
+    """Everything about an export request that can be checked before loading weights (with `config`, the ONNX
+    graph's size too); returns the ONNX scheme."""
     check_exit_layer(exit_layer, num_layers)
     takes = (*profile.formats, "mmproj") if "gguf" in profile.formats else profile.formats
     for fmt in formats:
@@ -110,6 +135,8 @@ def check_request(
         )
     if "gguf" in formats and not family.gguf_language_model:
         raise UserError(f"llama.cpp has no {family.name} support; use --formats onnx")
+    if config is not None and "onnx" in formats:
+        check_onnx_size(config)
     scheme = onnx_quantization or profile.onnx_quantization
     if scheme not in profile.onnx_options:
         raise UserError(

@@ -45,3 +45,15 @@ def test_a_sharded_write_loads_and_truncates(tmp_path, capsys):
     assert config["text_config"]["hidden_size"] == 4096 and config["vision_config"]["image_size"] == 336
     assert main(["truncate", str(out), "--exit-layer", "12", "-o", str(tmp_path / "cut"), "--dtype", "float16"]) == 0
     assert "vision tower cut to 12 of 24 blocks" in capsys.readouterr().out
+
+
+def test_an_onnx_graph_past_protobufs_limit_is_refused_before_any_weight(tmp_path, capsys):
+    """LLaVA-1.5-7B widths with 4 language-model layers: its decoder graph would hold 3.76 GB of float32 weights.
+    Only config.json exists: the refusal comes from the config, in seconds, with nothing written."""
+    config, _ = real_config("llava-1.5-7b", lm_layers=4)
+    config.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "jetson", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "past protobuf's 2 GiB" in err[0] and "--formats gguf" in err[0], err
+    assert not out.exists()

@@ -167,7 +167,7 @@ def check_request(cfg: BuildConfig, profile) -> tuple[int | None, int | None]:
     family = family_for(config)
     num_layers = family.num_layers(config)
     formats = parse_formats(cfg.formats) if cfg.formats else profile.formats
-    check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization)
+    check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization, config)
     check_layers(align, num_layers)
     return num_layers, family.default_exit(config)
 
