@@ -25,7 +25,8 @@ transformers' code as is and keeps batch / sequence / past length dynamic throug
 traced with a past of 2 and runs the prefill with a past of 0). Measured on the tiny LLaVA: vision graph 1.3 s against
 12.5 s with the dynamo exporter, whose decoder export also needs `dynamic_shapes` for every flat past tensor and the
 past + sequence = total relation spelled out. The 4-D additive attention mask is built in the wrapper from
-`attention_mask`, so no mask-building branch of transformers is frozen into the trace.
+`attention_mask`, so no mask-building branch of transformers is frozen into the trace. A graph past protobuf's 2 GiB
+(a 7B-wide decoder) gets its weights in one `<graph>_data` file beside it (`edgekit.export.onnx_data`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from edgekit.export.onnx_data import consolidate, graph_files
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -141,6 +143,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
             do_constant_folding=True,
             dynamo=False,
         )
+    consolidate(path)  # a graph past 2 GiB: torch wrote a file per tensor; keep one data file beside the graph
 
 
 def _export_vision(vision: nn.Module, inputs: dict, family: Family, path: Path, opset: int) -> None:
@@ -361,7 +364,7 @@ def export_onnx(
         _export_embed(model, out / EMBED_FILE, opset)
     if DECODER_FILE in parts:
         _export_decoder(model, family, cross_states, out / DECODER_FILE, opset)
-    files = [name for name in GRAPH_FILES if (out / name).is_file()]
+    files = [file.name for name in GRAPH_FILES if (out / name).is_file() for file in graph_files(out / name)]
     if family.anyres:  # the newline embedding the host packs between tile rows
         np.save(out / NEWLINE_FILE, family.image_newline(model).detach().float().numpy())
         files.append(NEWLINE_FILE)

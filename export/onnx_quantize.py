@@ -33,6 +33,7 @@ import onnx
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
+from edgekit.export.onnx_data import graph_files, has_external_data, relocate, save_graph
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -103,10 +104,24 @@ def _calibration_feeds(folder: Path, calibration_inputs: Sequence[Mapping]) -> t
     return vision, recorder.feeds
 
 
+def _ort_data(dst: Path) -> Path:
+    """Where onnxruntime's quantizers write a graph's external data."""
+    return dst.with_name(dst.name + ".data")
+
+
 def _int8_dynamic(src: Path, dst: Path, ops: Sequence[str]) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=list(ops))
+    external = has_external_data(src)
+    quantize_dynamic(
+        src,
+        dst,
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+        op_types_to_quantize=list(ops),
+        use_external_data_format=external,
+    )
+    relocate(dst, _ort_data(dst))
     return {"method": "quantize_dynamic", "weight_type": "int8", "op_types": list(ops)}
 
 
@@ -124,7 +139,9 @@ def _int8_qdq(src: Path, dst: Path, feeds: list[dict], ops: Sequence[str]) -> di
         op_types_to_quantize=list(ops),
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        use_external_data_format=has_external_data(src),
     )
+    relocate(dst, _ort_data(dst))
     return {
         "method": "quantize_static",
         "format": "QDQ",
@@ -147,7 +164,8 @@ def _int4(src: Path, dst: Path) -> dict:
         op_types_to_quantize=("MatMul",),
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dst))
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=has_external_data(src))
+    relocate(dst, _ort_data(dst))
     return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": 4}
 
 
@@ -155,8 +173,17 @@ def _fp16(src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=block)
-    onnx.save(model, str(dst))
+    external = has_external_data(src)
+    if external:  # shape inference on a graph past 2 GiB works from a path only (the in-memory one serializes it)
+        inferred = dst.with_name(f"inferred-{src.name}")
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+        inferred.unlink()
+    else:
+        model = onnx.load(str(src))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, disable_shape_infer=external)
+    save_graph(model, dst, external)
     return {"method": "convert_float_to_float16", "keep_io_types": True, "kept_fp32": list(FP16_KEEP_FP32)}
 
 
@@ -188,8 +215,9 @@ def quantize(folder, scheme: str, out_folder, calibration_inputs: Iterable[Mappi
             for name in GRAPH_FILES:
                 done[name] = _fp16(folder / name, tmp / name)
         for name in GRAPH_FILES:
-            shutil.copyfile(tmp / name if name in done else folder / name, out / name)
-    files = list(GRAPH_FILES)
+            for file in graph_files(tmp / name if name in done else folder / name):
+                shutil.copyfile(file, out / file.name)
+    files = [file.name for name in GRAPH_FILES for file in graph_files(out / name)]
     if (folder / NEWLINE_FILE).is_file():
         shutil.copyfile(folder / NEWLINE_FILE, out / NEWLINE_FILE)
         files.append(NEWLINE_FILE)

@@ -47,13 +47,37 @@ def test_a_sharded_write_loads_and_truncates(tmp_path, capsys):
     assert "vision tower cut to 12 of 24 blocks" in capsys.readouterr().out
 
 
-def test_an_onnx_graph_past_protobufs_limit_is_refused_before_any_weight(tmp_path, capsys):
-    """LLaVA-1.5-7B widths with 4 language-model layers: its decoder graph would hold 3.76 GB of float32 weights.
-    Only config.json exists: the refusal comes from the config, in seconds, with nothing written."""
+def test_an_export_the_machine_cannot_hold_is_refused_before_any_weight(tmp_path, capsys, monkeypatch):
+    """From the config alone (no weights exist here), in seconds, with nothing written: LLaVA-1.5-7B widths with 4
+    language-model layers need about 13 GB to export to ONNX; a machine with 8 GiB available is told so."""
+    from edgekit.export import artifacts
+
     config, _ = real_config("llava-1.5-7b", lm_layers=4)
     config.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(artifacts, "_available_memory", lambda: 8 << 30)
     out = tmp_path / "out"
     code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "jetson", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "past protobuf's 2 GiB" in err[0] and "--formats gguf" in err[0], err
+    assert code == 2 and len(err) == 1 and "needs about 12.5 GiB" in err[0] and "8.0 GiB available" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_real_width_export_answers_in_every_onnx_runtime(tmp_path):
+    """LLaVA-1.5-7B widths, 4 language-model layers (1.4B parameters): the jetson export writes the decoder with its
+    weights in decoder_model_merged.onnx_data (past 2 GiB in float32), and ONNX Runtime, onnxruntime-genai and the
+    hybrid each answer a prompt from the folder."""
+    from PIL import Image
+
+    from edgekit.devices.runtime import Prompt, open_runtime
+    from edgekit.export.manifest import verify_hashes
+
+    model = write_real_checkpoint("llava-1.5-7b", tmp_path / "model", lm_layers=4)
+    out = tmp_path / "export"
+    assert main(["export", str(model), "--exit-layer", "12", "--target", "jetson", "-o", str(out)]) == 0
+    assert (out / "onnx-k12-fp16" / "decoder_model_merged.onnx_data").stat().st_size > 1_500_000_000
+    assert verify_hashes(out) == []
+    prompt = Prompt(Image.new("RGB", (400, 300), (90, 120, 200)), "what colour is the picture?")
+    for kind in ("onnx", "ortgenai", "hybrid"):
+        tokens = open_runtime(kind, out, **({"n_ctx": 1024} if kind == "hybrid" else {})).generate(prompt, 4)
+        assert 1 <= len(tokens) <= 4, kind

@@ -1,0 +1,65 @@
+"""Graphs with external data, as torch writes them past protobuf's 2 GiB (one file per tensor), at tiny scale: they
+are consolidated into one `<graph>_data` file, every quantization scheme keeps that layout, and the folders answer
+token for token as the same graphs stored inline (every tensor external here, so nothing needs 2 GiB to be tested)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from test_onnx_export import GEN_EXIT, MAX_NEW_TOKENS, build_inputs, tiny_family
+from test_onnx_quantize import CALIBRATION
+
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.export.onnx_data import consolidate, data_file
+from edgekit.export.onnx_format import GRAPH_FILES
+from edgekit.export.onnx_quantize import quantize
+from edgekit.export.quantizations import ONNX_SCHEMES
+
+
+def _per_tensor_files(folder):
+    """Every graph of `folder` re-saved the way torch saves a large one: each initializer in a file of its own."""
+    for name in GRAPH_FILES:
+        model = onnx.load(str(folder / name))
+        path = str(folder / name)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_checkpoints, tmp_path_factory):
+    tiny = tiny_family("llava", tiny_checkpoints, tmp_path_factory)
+    inline = tiny.folder(GEN_EXIT)
+    external = tmp_path_factory.mktemp("external") / "fp32"
+    shutil.copytree(inline, external)
+    _per_tensor_files(external)
+    assert len(list(external.iterdir())) > 20  # a file per tensor, as torch leaves a large graph
+    for name in GRAPH_FILES:
+        consolidate(external / name)
+    return tiny, inline, external
+
+
+def test_consolidated_into_one_data_file_per_graph(folders):
+    tiny, inline, external = folders
+    assert sorted(p.name for p in external.iterdir() if p.suffix not in (".json", ".npy")) == sorted(
+        [*GRAPH_FILES, *(data_file(external / name).name for name in GRAPH_FILES)]
+    )
+    inputs = build_inputs(tiny.loaded.processor, 0)
+    want = OnnxVLM(inline).generate(inputs, MAX_NEW_TOKENS, eos_token_ids=())
+    assert np.array_equal(OnnxVLM(external).generate(inputs, MAX_NEW_TOKENS, eos_token_ids=()), want)
+
+
+@pytest.mark.parametrize("scheme", ONNX_SCHEMES)
+def test_every_scheme_keeps_the_layout_and_the_answers(folders, scheme, tmp_path):
+    tiny, inline, external = folders
+    calibration = [build_inputs(tiny.loaded.processor, i) for i in CALIBRATION]
+    a = quantize(inline, scheme, tmp_path / "inline", calibration_inputs=calibration)
+    b = quantize(external, scheme, tmp_path / "external", calibration_inputs=calibration)
+    data = [name for name in b.files if name.endswith(".onnx_data")]
+    assert data and not [p for p in b.folder.iterdir() if p.suffix == ".data"], b.files
+    assert not [name for name in a.files if name.endswith(".onnx_data")]
+    for i in range(2):
+        inputs = build_inputs(tiny.loaded.processor, i)
+        want = OnnxVLM(a.folder).generate(inputs, MAX_NEW_TOKENS, eos_token_ids=())
+        assert np.array_equal(OnnxVLM(b.folder).generate(inputs, MAX_NEW_TOKENS, eos_token_ids=()), want), scheme
