@@ -305,8 +305,8 @@ DEVICE_EPILOG = """devices:
   ssh://user@host[:port]   a Jetson or Linux board: keys from ~/.ssh/config (never a password prompt), more
                            options in EDGEKIT_SSH_OPTIONS, e.g. "-i ~/.ssh/jetson -o UserKnownHostsFile=FILE"
   adb  or  adb:SERIAL      an Android phone with USB debugging and a Python (Termux), files in /data/local/tmp
-The device needs Python 3.10+ with the bundle's requirements.txt installed; the bundle itself is copied once per
-version into --remote-dir/bundles/ and reused."""
+The device needs Python 3.10+ with the bundle's requirements.txt installed (or, with --llama-bin, only llama.cpp's
+llama-bench and llama-mtmd-cli built for it); the bundle is copied once per version into --remote-dir and reused."""
 
 
 def _runtimes(text: str) -> tuple[str, ...]:
