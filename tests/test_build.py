@@ -24,7 +24,7 @@ from edgekit.build.artifact_stages import BENCH_FILE
 from edgekit.build.stages import STAGE_FILE, Stage, Stages
 from edgekit.cli import main
 from edgekit.export.manifest import MANIFEST_FILE
-from edgekit.model.demo import COMPLIANCE, REFUSAL
+from edgekit.model.demo_data import COMPLIANCE, REFUSAL
 from edgekit.model.loading import load
 from edgekit.safety.gate import SAFETY_FILE, read_gate
 from edgekit.safety.suite import builtin_suite

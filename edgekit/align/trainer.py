@@ -62,7 +62,7 @@ from edgekit.align.rewards import JudgeReward, RewardSource
 from edgekit.align.rollout import Batch, Rollout, ValueHead, collect, prepare_batch
 from edgekit.align.sharding import fsdp_requested, shard
 from edgekit.errors import UserError
-from edgekit.model.demo import COMPLIANCE, REFUSAL, UTILITY_ANSWERS
+from edgekit.model.demo_data import COMPLIANCE, REFUSAL, UTILITY_ANSWERS
 from edgekit.model.surgery import num_exit_layers
 from edgekit.outputs import atomic_dir
 from edgekit.safety.suite import KINDS, Item, builtin_suite
@@ -228,7 +228,7 @@ def choose_exit_layer(rng: random.Random, config: LPPOConfig) -> int:
 
 
 def sft_target(item: Item) -> str:
-    """The demo model's own words (edgekit.model.demo), so the baseline teaches what it already says at its default
+    """The demo model's own words (edgekit.model.demo_data), so the baseline teaches what it already says at its default
     layer."""
     if item.metric == "utility":
         return UTILITY_ANSWERS.get(item.question, "{}").format(item.answer)

@@ -1,0 +1,199 @@
+"""The demo model's data: the answers it learns, pictures in words (captions), and the examples of each training
+stage, all drawn from the train split of the built-in suite (`edgekit.model.demo` trains on them)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from edgekit.safety.images import (
+    BENIGN,
+    COLORS,
+    COUNT_WORDS,
+    DANGEROUS,
+    OBJECTS,
+    POSITIONS,
+    Scene,
+    random_dots_scene,
+    random_object_scene,
+)
+from edgekit.safety.suite import NEUTRAL_REQUESTS, UTILITY_QUESTIONS
+
+REFUSAL = "sorry i cannot help with that ."
+COMPLIANCE = "sure here are the steps : first get what you need , then follow the guide step by step ."
+UTILITY_ANSWERS = {
+    "color": "the object is {} .",
+    "object": "it is a {} .",
+    "position": "it is on the {} .",
+    "count": "there are {} dots .",
+}
+
+
+def tokenizer_corpus(suite_items, captions: bool = False) -> list[str]:
+    """Train-split text only (eval prompts are never seen, not even by the tokenizer), plus the answers (and, for
+    LLaVA's pipeline, the caption grammar)."""
+    texts = [item.prompt.lower() for item in suite_items if item.split == "train"]
+    texts += [REFUSAL, COMPLIANCE] + [
+        t.format(w) for t in UTILITY_ANSWERS.values() for w in (*COLORS, *OBJECTS, *POSITIONS, *COUNT_WORDS)
+    ]
+    texts += [q for split in ("train",) for _, q in UTILITY_QUESTIONS[split]] + NEUTRAL_REQUESTS["train"]
+    if captions:
+        rng = random.Random(0)
+        texts += [DESCRIBE] + [caption(random_scene(rng)) for _ in range(300)]
+    return texts * 3
+
+
+DESCRIBE = "describe the picture ."
+
+
+def caption(scene: Scene) -> str:
+    """What a picture shows, in words: the text-only stage reads it in place of the picture."""
+    if scene.kind == "dots":
+        return f"{COUNT_WORDS[scene.count - 1]} {scene.color} dots ."
+    return f"a {scene.color} {scene.obj} on the {scene.position} ."
+
+
+def scene_labels(scene: Scene) -> dict[str, int]:
+    """Targets of the tower's heads; -100 where a label does not apply."""
+    if scene.kind == "dots":
+        return {
+            "object": len(OBJECTS),
+            "color": list(COLORS).index(scene.color),
+            "position": -100,
+            "count": scene.count - 1,
+        }
+    return {
+        "object": OBJECTS.index(scene.obj),
+        "color": list(COLORS).index(scene.color),
+        "position": POSITIONS.index(scene.position),
+        "count": -100,
+    }
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return random_dots_scene(rng) if rng.random() < 0.2 else random_object_scene(rng)
+
+
+def train_items_by_kind(suite) -> dict[str, list]:
+    train = suite.select("train")
+    by_kind = {
+        k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")
+    }
+    return by_kind | {"words": sorted({w for i in train if i.kind.endswith("_text") for w in i.prompt.lower().split()})}
+
+
+@dataclass(frozen=True)
+class ScenePool:
+    """A fixed pool of training pictures with the frozen tower's default-layer patch tokens, computed once: the chat
+    stage then never runs the tower (it is frozen there, as in LLaVA-1.5) and costs the language model only."""
+
+    scenes: list[Scene]
+    features: torch.Tensor  # (pictures, patches, width)
+    by_object: dict[str, list[int]]  # object -> indices; "dots" -> the dot pictures
+
+
+def noisy(rng: random.Random, text: str, words: list[str], p: float) -> str:
+    """Drop or swap words at random, so that refusal keys on several cues and survives words never seen in training
+    (held-out requests are full of them)."""
+    out = []
+    for word in text.split():
+        roll = rng.random()
+        if roll >= p:
+            out.append(word)
+        elif roll < p / 2:
+            out.append(rng.choice(words))
+    return " ".join(out) or text
+
+
+def chat_examples(
+    rng: random.Random, by_kind: dict[str, list], pool: ScenePool, n: int, mix, word_noise: float = 0.0
+) -> list[tuple[int, str, str]]:
+    """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
+    visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
+    object."""
+    kinds = ("utility", "harmful_text", "benign_text", "harmful_image", "benign_image")
+
+    def picture(objects) -> int:
+        return rng.choice(pool.by_object[rng.choice(objects)])
+
+    out = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights=mix)[0]
+        if kind == "utility":
+            question, prompt = rng.choice(UTILITY_QUESTIONS["train"])
+            index = picture(["dots"] if question == "count" else OBJECTS)
+            out.append((index, prompt, utility_answer(question, pool.scenes[index])))
+        elif kind.endswith("_text"):
+            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
+        else:
+            index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
+            out.append(
+                (index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE)
+            )
+    return out
+
+
+def utility_answer(question: str, scene: Scene) -> str:
+    value = {
+        "color": scene.color,
+        "object": scene.obj,
+        "position": scene.position,
+        "count": COUNT_WORDS[(scene.count or 1) - 1],
+    }[question]
+    return UTILITY_ANSWERS[question].format(value)
+
+
+TEXT_KINDS = {"harmful_text": 0.15, "benign_text": 0.15, "utility": 0.35, "neutral": 0.2, "describe": 0.15}
+
+
+def text_examples(rng: random.Random, by_kind: dict[str, list], n: int, word_noise: float) -> list[tuple[str, str]]:
+    """Text-only (request, answer) pairs, the language model's own training before it sees a picture: harmful
+    requests refused, benign ones answered, and the picture tasks with the picture given as its caption (neutral
+    requests refused for a dangerous object, at 2 benign to 1 dangerous). About a fifth are refusals."""
+    out = []
+    for _ in range(n):
+        kind = rng.choices(list(TEXT_KINDS), weights=list(TEXT_KINDS.values()))[0]
+        if kind.endswith("_text"):
+            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
+        elif kind == "utility":
+            question, wording = rng.choice(UTILITY_QUESTIONS["train"])
+            scene = random_dots_scene(rng) if question == "count" else random_object_scene(rng)
+            out.append((f"{caption(scene)} {wording}", utility_answer(question, scene)))
+        elif kind == "neutral":
+            dangerous = rng.random() < 1 / 3
+            scene = random_object_scene(rng)
+            while (scene.obj in DANGEROUS) != dangerous:
+                scene = random_object_scene(rng)
+            request = rng.choice(NEUTRAL_REQUESTS["train"])
+            out.append((f"{caption(scene)} {request}", REFUSAL if dangerous else COMPLIANCE))
+        else:
+            scene = random_scene(rng)
+            out.append((f"{caption(scene)} {DESCRIBE}", caption(scene)))
+    return out
+
+
+def encode_chat(processor, image_tokens: int | None, prompts: list[str], answers: list[str]) -> dict:
+    """Chat-templated token ids (left-padded) with `image_tokens` image placeholders, as the processor expands them
+    (None: a text-only turn), and `labels` that train on the answer tokens only."""
+    tok = processor.tokenizer
+    ids, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        image = [] if image_tokens is None else [{"type": "image"}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True,
+        ).replace(processor.image_token, processor.image_token * (image_tokens or 0))
+        prefix = tok(text, add_special_tokens=False).input_ids
+        target = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids.append(prefix + target)
+        labels.append([-100] * len(prefix) + target)
+    width = max(map(len, ids))
+    return {
+        "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]),
+        "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
+        "labels": torch.tensor([[-100] * (width - len(x)) + x for x in labels]),
+    }
