@@ -64,9 +64,9 @@ def export_folder(folder: str | Path) -> Path:
 def shipped_runtimes(export: Path, runtimes: Sequence[str] | None) -> tuple[str, ...]:
     """`runtimes`, or every device runtime the export ships (its manifest's runtime sets), each checked to exist."""
     from edgekit.devices.runtime import export_files
+    from edgekit.export.manifest import read_manifest
 
-    shipped = tuple(k for k in json.loads((export / "manifest.json").read_text())["memory"]["sets"] if k != "pytorch")
-    chosen = tuple(runtimes) if runtimes else shipped
+    chosen = tuple(runtimes) if runtimes else tuple(read_manifest(export)["memory"]["sets"])
     for kind in chosen:
         if kind not in DEVICE_RUNTIMES:
             raise UserError(f"{kind!r} does not run on a device; choose from {', '.join(DEVICE_RUNTIMES)}")
