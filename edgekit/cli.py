@@ -8,7 +8,7 @@ import sys
 
 from edgekit import commands
 from edgekit.align.config import LPPOConfig
-from edgekit.build.config import METHODS
+from edgekit.build.config import BUILD_DTYPES, METHODS
 from edgekit.errors import GateFailure, UserError
 from edgekit.model.tiny import TINY_FAMILIES
 
@@ -247,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="alignment rollouts per step")
     p.add_argument("--lr", type=float, help="alignment learning rate")
     p.add_argument("--device", help="torch device for scan and alignment (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=BUILD_DTYPES,
+        help="precision of scans and alignment (default float32; bfloat16 or float16 on a GPU); truncation and "
+        "export always use float32",
+    )
     p.set_defaults(func=commands.cmd_build)
 
     p = sub.add_parser(

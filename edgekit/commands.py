@@ -265,6 +265,7 @@ def cmd_build(args) -> None:
             "method",
             "reward",
             "device",
+            "dtype",
         )
     }
     given["align"] = {name: getattr(args, name) for name in ("steps", "batch", "lr") if getattr(args, name) is not None}

@@ -98,6 +98,16 @@ def test_new_artifacts_drop_the_results_devices_gave_for_the_old(built, tiny_che
     assert not (out / "devices").exists()
 
 
+def test_a_bfloat16_build_scans_and_aligns_in_bfloat16_and_exports_float32(tiny_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    argv = build_argv(tiny_checkpoints["llava"], out, build_config(tmp_path, GENEROUS_GATES))
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / Stage.SCAN / STAGE_FILE).read_text())["inputs"]["dtype"] == "bfloat16"
+    assert json.loads((out / Stage.ALIGN / STAGE_FILE).read_text())["inputs"]["dtype"] == "bfloat16"
+    truncated = json.loads((out / Stage.TRUNCATE / "config.json").read_text())
+    assert truncated.get("dtype", truncated.get("torch_dtype")) == "float32"
+
+
 def test_a_rerun_that_fails_early_does_not_print_the_previous_report(built, tiny_checkpoints, capsys):
     assert main(["build", "--model", tiny_checkpoints["llava"], "--exit-layer", "25", "-o", str(built)]) == 2
     out, err = capsys.readouterr()
@@ -244,6 +254,7 @@ def test_a_build_killed_mid_way_resumes_to_the_same_artifacts(built, tiny_checkp
         (["--exit-layer", "12", "--target", "fridge"], "unknown target 'fridge'"),
         (["--exit-layer", "12", "--formats", "tflite"], "unknown format tflite"),
         (["--exit-layer", "12", "--steps", "0"], "steps must be positive"),
+        (["--exit-layer", "12", "--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
         (["--exit-layer", "12", "--config", "missing.toml"], "missing.toml: cannot read the build config"),
         ([], "no exit layer"),
     ],

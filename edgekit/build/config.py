@@ -23,7 +23,8 @@ from typing import Any
 from edgekit.errors import UserError
 from edgekit.safety.limits import BUILD_GATE_KEYS
 
-METHODS = ("lppo", "sft", "none")  # none: the build without alignment, to see what the gate catches
+METHODS = ("lppo", "sft", "none")
+BUILD_DTYPES = ("float32", "bfloat16", "float16")  # none: the build without alignment, to see what the gate catches
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BuildConfig:
     gates: dict[str, float] = field(default_factory=dict)  # overrides of the profile's limits, and max_drift_points
     bench_prompts: int = 5
     device: str = "cpu"
+    dtype: str = "float32"  # scans and alignment (bfloat16 / float16 on a GPU); truncation and export use float32
 
     def __post_init__(self):
         unknown = sorted(set(self.gates) - set(BUILD_GATE_KEYS))
@@ -57,6 +59,8 @@ class BuildConfig:
             )
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
+        if self.dtype not in BUILD_DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose {', '.join(BUILD_DTYPES)}")
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,11 +10,13 @@ from edgekit.build.config import BuildConfig
 from edgekit.outputs import atomic_dir
 
 
-def load_model(source, cfg: BuildConfig):
-    """The base model (at the revision asked for) or a checkpoint a stage wrote, in float32."""
+def load_model(source, cfg: BuildConfig, dtype: str | None = None):
+    """The base model (at the revision asked for) or a checkpoint a stage wrote, in `dtype` (default: the build's,
+    for scans and alignment)."""
     from edgekit.model.loading import load
 
-    return load(source, dtype="float32", device=cfg.device, revision=cfg.revision if source == cfg.model else None)
+    revision = cfg.revision if source == cfg.model else None
+    return load(source, dtype=dtype or cfg.dtype, device=cfg.device, revision=revision)
 
 
 def scan_into(tmp: Path, loaded, cfg: BuildConfig, items, layers, default_layer: int, name: str):
@@ -55,7 +57,7 @@ def write_align(folder: Path, source, cfg: BuildConfig) -> None:
 def write_truncate(folder: Path, aligned: Path, cfg: BuildConfig) -> None:
     from edgekit.model.surgery import truncate_checkpoint
 
-    truncate_checkpoint(load_model(aligned, cfg), cfg.exit_layer, folder, overwrite=True)
+    truncate_checkpoint(load_model(aligned, cfg, "float32"), cfg.exit_layer, folder, overwrite=True)
 
 
 def write_export(folder: Path, model: Path, cfg: BuildConfig, profile) -> None:
@@ -65,7 +67,7 @@ def write_export(folder: Path, model: Path, cfg: BuildConfig, profile) -> None:
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     export_artifacts(
-        load_model(model, cfg),
+        load_model(model, cfg, "float32"),  # traced in float32, then quantized for the target
         cfg.exit_layer,
         profile,
         folder,

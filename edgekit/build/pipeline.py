@@ -64,6 +64,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
         "limit_per_kind": cfg.limit_per_kind,
         "judge": cfg.judge,
         "max_new_tokens": cfg.max_new_tokens,
+        "dtype": cfg.dtype,
     }
     limits = gate_limits(profile.gates, cfg.gates, profile.utility_floor)
     floor = floor_baseline(cfg.gates, profile.utility_floor)
@@ -86,6 +87,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
                 "model": model_id,
                 "exit_layer": k,
                 "method": cfg.method,
+                "dtype": cfg.dtype,
                 "reward": reward_identity(cfg.reward),
                 "align": cfg.align,
             },
