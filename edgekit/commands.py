@@ -311,7 +311,7 @@ def cmd_bundle(args) -> None:
 
 def cmd_bench(args) -> None:
     from edgekit.build.devices import bench_on_device
-    from edgekit.build.report import BENCH_HEADER, _bench_rows, _table, describe_device
+    from edgekit.build.report import bench_table, describe_device
 
     if args.prompts < 1 or args.max_new_tokens < 2:
         raise UserError("--prompts must be at least 1 and --max-new-tokens at least 2")
@@ -325,4 +325,4 @@ def cmd_bench(args) -> None:
         print(json.dumps(measured, indent=2))
         return
     print(f"{describe_device(measured['device'])}\n")
-    print(_table(BENCH_HEADER, _bench_rows(measured["rows"])))
+    print(bench_table(measured["rows"]))

@@ -71,7 +71,9 @@ def gate_rows(verdicts) -> list[list[str]]:
     return rows
 
 
-BENCH_HEADER = ["artifact", "first token", "decode tok/s", "peak RSS"]
+def bench_table(bench: dict) -> str:
+    """Bench rows (one per runtime, from bench.json or a device's) as a Markdown table."""
+    return _table(["artifact", "first token", "decode tok/s", "peak RSS"], _bench_rows(bench))
 
 
 def _bench_rows(bench: dict) -> list[list[str]]:
@@ -131,7 +133,7 @@ def device_sections(out: Path) -> list[str]:
                 "",
             ]
         if (folder / BENCH_FILE).is_file():
-            lines += [_table(BENCH_HEADER, _bench_rows(_read(folder, BENCH_FILE)["rows"])), ""]
+            lines += [bench_table(_read(folder, BENCH_FILE)["rows"]), ""]
     return lines
 
 
@@ -155,7 +157,6 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
         [name, human_bytes(s["bytes"], "decimal"), f"{100 * s['bytes'] / budget:.2f}%", ", ".join(s["paths"])]
         for name, s in sets.items()
     ]
-    bench_rows = _bench_rows(bench)
     return "\n".join(
         [
             f"# edgekit build: {source} at exit layer {k} for {profile.name}",
@@ -192,7 +193,7 @@ def report_markdown(out: Path, cfg, profile, source: str, default_layer: int, ve
             "",
             "## Latency and memory (the build machine, one process per runtime)",
             "",
-            _table(BENCH_HEADER, bench_rows),
+            bench_table(bench),
             "",
             *device_sections(out),
             "## Stages",
