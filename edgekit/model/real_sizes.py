@@ -157,12 +157,15 @@ def _init(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torc
     return (0.02 * torch.randn(shape, generator=generator)).to(dtype)
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())
+
+
 def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype, generator) -> None:
-    itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in tensors:
-        size = itemsize * int(torch.Size(shape).numel())
+        size = _nbytes(shape, dtype)
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -189,18 +192,17 @@ def write_real_checkpoint(
     config, processor = real_config(name, lm_layers)
     dtype = REAL_MODELS[name].dtype
     layout = tensor_layout(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     filled = 0
     for entry in layout:
-        size = itemsize * int(torch.Size(entry[1]).numel())
+        size = _nbytes(entry[1], dtype)
         if shards[-1] and filled + size > shard_bytes:
             shards.append([])
             filled = 0
         shards[-1].append(entry)
         filled += size
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    total = sum(itemsize * int(torch.Size(shape).numel()) for _, shape in layout)
+    total = sum(_nbytes(shape, dtype) for _, shape in layout)
     log(f"{name}: {sum(int(torch.Size(s).numel()) for _, s in layout):,} parameters, {human_bytes(total)} in {out}")
     generator = torch.Generator().manual_seed(seed)
     for file, tensors in zip(files, shards):

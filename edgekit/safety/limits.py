@@ -57,13 +57,14 @@ def gate_limits(profile: Limits, overrides: Mapping[str, float], floor: float | 
         EARLY_EXIT: Limits(None, chosen["over_refusal"], chosen["utility"]),
         ALIGNED: Limits(drift, drift, drift),
     }
-    if overrides.get(FLOOR_KEY, floor) is not None:
-        limits[FLOOR] = Limits(None, None, 0.0)
+    if floor_baseline(overrides, floor) is not None:
+        limits[FLOOR] = Limits(None, None, 0.0)  # utility may not be below the floor at all
     return limits
 
 
 def floor_baseline(overrides: Mapping[str, float], floor: float | None) -> dict[str, float | None] | None:
-    """The utility floor as a baseline (a fraction, as metrics are), or None where none is set."""
+    """The utility floor, the build config's over the profile's, as a baseline (a fraction, as metrics are), or None
+    where neither sets one."""
     percent = overrides.get(FLOOR_KEY, floor)
     return None if percent is None else {"asr": None, "over_refusal": None, "utility": float(percent) / 100}
 
