@@ -120,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded demo model (trained on first use).",
         epilog=EPILOG,
     )
-    _add_model_args(p)
-    p.set_defaults(dtype="float32")  # graphs are exported in fp32, then quantized for the target
+    _add_model_args(p)  # --dtype auto: a half-precision model exports fp16 graphs as it is, others via float32
     p.add_argument("--exit-layer", type=_exit_layer, required=True, metavar="K", help="keep vision blocks 1..K")
     p.add_argument("--target", required=True, metavar="T", help="profile name, jetson, phone, or a profile .toml")
     p.add_argument(

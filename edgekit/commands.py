@@ -45,7 +45,7 @@ def preflight(args, *, exit_layer: int | None = None, layers: str | None = None,
     return config, family, check_all(family.num_layers(config))
 
 
-def _load(args):
+def _load(args, lazy: bool = False):
     from edgekit.model.loading import load
 
     return load(
@@ -54,6 +54,7 @@ def _load(args):
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
+        lazy=lazy,
     )
 
 
@@ -136,7 +137,7 @@ def cmd_export(args) -> None:
     check_request(family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization, config)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     result = export_artifacts(
-        _load(args),
+        _load(args, lazy=True),  # the weights load when a writer needs them in memory (the GGUF streams them)
         args.exit_layer,
         profile,
         args.output,

@@ -32,17 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
+from edgekit.export.estimates import HALF_DTYPES, check_export_disk, check_export_fits, check_export_memory
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
-from edgekit.model.surgery import check_exit_layer, num_exit_layers, set_exit_layer
+from edgekit.model.surgery import check_exit_layer
 from edgekit.outputs import atomic_dir, check_output_dir, save_processor
 from edgekit.units import human_bytes
 
 PROCESSOR_DIR = "processor"
+LOSSLESS_GGUF_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _WORK_DIR = ".work"  # intermediates inside the temporary folder, removed before it is renamed into place
 CALIBRATION_PROMPTS = (
     "describe the image",
@@ -87,39 +91,6 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-# Peak memory of an export per byte of the model in float32 (the exporters hold it in float32), measured on
-# LLaVA-1.5-7B widths with 4 language-model layers (README: Real sizes): ONNX 12.3 GiB, GGUF 8.15 GiB, for 5.6 GB.
-PEAK_PER_FP32_BYTE = {"onnx": 2.4, "gguf": 1.5, "mmproj": 1.5}
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None  # not Linux: no estimate to hold the export to
-
-
-def check_export_memory(config, formats: Sequence[str]) -> None:
-    """An export this machine cannot hold is refused from the config, before minutes of loading and tracing."""
-    import torch
-
-    from edgekit.model.sizes import model_sizes
-
-    available = _available_memory()
-    if available is None:
-        return
-    fp32 = model_sizes(config, dtype=torch.float32).parts[-1].bytes
-    need = int(max(PEAK_PER_FP32_BYTE[f] for f in formats) * fp32)
-    if need > available:
-        raise UserError(
-            f"exporting {','.join(formats)} holds the model in float32 and needs about {human_bytes(need)} of memory "
-            f"at peak; this machine has {human_bytes(available)} available"
-        )
-
-
 def check_request(
     family,
     num_layers: int,
@@ -145,13 +116,14 @@ def check_request(
         )
     if "gguf" in formats and not family.gguf_language_model:
         raise UserError(f"llama.cpp has no {family.name} support; use --formats onnx")
-    if config is not None:
-        check_export_memory(config, formats)
     scheme = onnx_quantization or profile.onnx_quantization
     if scheme not in profile.onnx_options:
         raise UserError(
             f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, not {scheme}"
         )
+    if config is not None:
+        check_export_fits(config, exit_layer, profile, formats, scheme)
+        check_export_memory(config, formats, scheme)
     return scheme
 
 
@@ -167,20 +139,25 @@ def export_artifacts(
     calibration_inputs: Sequence[Mapping] | None = None,
     nthread: int = 0,
 ) -> ExportResult:
-    """Cut `loaded.model` (a LoadedModel, float32) at `exit_layer` and write the target's artifacts to `out_dir`
-    atomically. The model stays cut (in memory, `set_exit_layer`). `onnx_quantization` picks one of the profile's
+    """Cut `loaded` (a LoadedModel) at `exit_layer` and write the target's artifacts to `out_dir` atomically. The
+    GGUF is written first, streamed from the checkpoint's files when the weights are not yet in memory; the ONNX
+    export loads them and leaves the model cut (`set_exit_layer`). `onnx_quantization` picks one of the profile's
     `onnx_options` (default: the profile's); `calibration_inputs` (processor outputs) calibrate int8_qdq."""
-    model, family = loaded.model, loaded.family
+    family, config = loaded.family, loaded.config
     formats = parse_formats(formats or profile.formats)
-    num_layers = num_exit_layers(model)
+    num_layers = family.num_layers(config)
     scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
     check_output_dir(out_dir, overwrite)
+    check_export_disk(config, exit_layer, profile, formats, scheme, out_dir)
     entries: list[FileEntry] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
         work = tmp / _WORK_DIR
         work.mkdir()
-        set_exit_layer(model, exit_layer)
+        if "gguf" in formats:  # first: from the checkpoint's files, before anything loads the model
+            lm_name = f"lm-{profile.gguf_quantization}.gguf"
+            _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
+            entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
         if "onnx" in formats:
             onnx_dir = f"onnx-k{exit_layer}-{scheme}"
             _write_onnx(loaded, exit_layer, profile, scheme, tmp / onnx_dir, work, calibration_inputs)
@@ -193,10 +170,6 @@ def export_artifacts(
                 file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
                 for p in sorted((tmp / onnx_dir).iterdir())
             ]
-        if "gguf" in formats:
-            lm_name = f"lm-{profile.gguf_quantization}.gguf"
-            _write_lm_gguf(loaded, profile.gguf_quantization, tmp / lm_name, work, nthread)
-            entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
         if "mmproj" in formats:
             mmproj_name = f"mmproj-k{exit_layer}-{profile.mmproj_quantization}.gguf"
             _write_mmproj(loaded, exit_layer, profile.mmproj_quantization, tmp / mmproj_name)
@@ -213,7 +186,7 @@ def export_artifacts(
                 f"({profile.memory_budget_bytes} bytes); pick a smaller quantization, model or another target"
             )
         extra: dict[str, Any] = {
-            **family.manifest_fields(model.config),
+            **family.manifest_fields(config),
             "num_exit_layers": num_layers,
             "formats": list(formats),
             "quantization": {
@@ -261,10 +234,16 @@ def export_artifacts(
 # --- pieces --------------------------------------------------------------------------------------------------------
 def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_inputs) -> None:
     from edgekit.export.onnx import export_onnx
-    from edgekit.export.onnx_quantize import quantize
+    from edgekit.export.onnx_quantize import quantize, record_traced_fp16
 
+    model = loaded.model
+    if scheme == "fp16" and model.dtype in HALF_DTYPES:  # traced in float16: no float32 copy, no conversion
+        export_onnx(model.to(torch.float16), loaded.processor, loaded.family, k, out, opset=profile.onnx_opset)
+        record_traced_fp16(out)
+        return
     fp32 = out if scheme == "fp32" else work / "onnx-fp32"
-    export_onnx(loaded.model, loaded.processor, loaded.family, k, fp32, opset=profile.onnx_opset)
+    model.float()  # onnxruntime's quantizers and float16 conversion read float32 graphs
+    export_onnx(model, loaded.processor, loaded.family, k, fp32, opset=profile.onnx_opset)
     if scheme != "fp32":
         calibration = calibration_inputs
         if scheme == "int8_qdq" and not calibration:
@@ -273,27 +252,37 @@ def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_i
 
 
 def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> None:
+    """The language model GGUF, a tensor at a time: from the checkpoint's files while the model is not in memory
+    (memory: one tensor), else from the model as it is in memory. K-quants and Q4_0 go through an intermediate in the
+    weights' own precision (f32, f16 or bf16: lossless), which llama.cpp's quantizer reads."""
     from edgekit.export import gguf
     from edgekit.model.families import attr_path, text_config
+    from edgekit.model.weights import CheckpointTensors, ModelTensors, checkpoint_dtype, language_model_tensors
 
-    model, processor = loaded.model, loaded.processor
-    lm = attr_path(model, loaded.family.language_model)
-    state = {**lm.state_dict(), "lm_head.weight": model.get_output_embeddings().weight}
+    if loaded.folder is not None and not loaded.in_memory:
+        tensors = language_model_tensors(CheckpointTensors(loaded.folder))
+    else:
+        model = loaded.model
+        lm = attr_path(model, loaded.family.language_model)
+        tensors = ModelTensors({**lm.state_dict(), "lm_head.weight": model.get_output_embeddings().weight})
     direct = qtype in PYTHON_GGUF_TYPES
-    src = path if direct else work / "lm-f32.gguf"
+    src = path if direct else work / "lm-intermediate.gguf"
+    processor = loaded.processor
     gguf.write_language_model(
-        text_config(model.config),
-        state,
+        text_config(loaded.config),
+        tensors,
         processor.tokenizer,
         src,
-        ftype=qtype if direct else "f32",
+        ftype=qtype if direct else LOSSLESS_GGUF_TYPES[checkpoint_dtype(tensors)],
         chat_template=processor.chat_template,
+        progress=True,
     )
     if not direct:
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor to the C-level stderr
             gguf.quantize_with_llama_cpp(src, path, qtype, nthread=nthread)
+        src.unlink()
 
 
 def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:

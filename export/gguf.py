@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -17,14 +17,17 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, TokenType
 from gguf import GGMLQuantizationType as QType
+from tqdm import tqdm
 
 from edgekit.errors import UserError
 from edgekit.export.quantizations import LLAMA_CPP_QTYPES
 from edgekit.model.families import head_dim
+from edgekit.model.weights import ModelTensors
 
 FTYPES = {  # ftype name -> (type for 2-D weights, general.file_type)
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 
@@ -62,7 +65,7 @@ CLIP_FFN_ACT = {"quick_gelu": None, "gelu": gguf.Keys.ClipVision.USE_GELU, "silu
 
 def write_language_model(
     config,
-    state_dict: Mapping[str, torch.Tensor],
+    tensors,
     tokenizer,
     path: str | os.PathLike,
     *,
@@ -70,17 +73,22 @@ def write_language_model(
     chat_template: str | None = None,
     context_length: int | None = None,
     bpe_pre: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write a Llama language model as a llama.cpp GGUF (architecture `llama`).
 
     config: a `LlamaConfig`-like text config (for LLaVA: `vlm.config.text_config`).
-    state_dict: HF Llama names, `model.layers.N.*` or `layers.N.*`, `embed_tokens`, `norm`, and `lm_head` (left out when
-        the embeddings are tied). For LLaVA (transformers 5):
-        `{**vlm.model.language_model.state_dict(), "lm_head.weight": vlm.lm_head.weight}`.
+    tensors: HF Llama names, `model.layers.N.*` or `layers.N.*`, `embed_tokens`, `norm`, and `lm_head` (left out when
+        the embeddings are tied), as `edgekit.model.weights` gives them: `language_model_tensors(CheckpointTensors(
+        folder))` streams a checkpoint a tensor at a time (memory: one tensor); `ModelTensors(state_dict)` wraps a
+        model in memory.
     tokenizer: the HF tokenizer; SentencePiece (needs its `tokenizer.model`) or byte-level BPE (from tokenizer.json).
     bpe_pre: llama.cpp pre-tokenizer name for a BPE tokenizer whose split regex is not in `BPE_PRE_BY_REGEX`.
+    progress: a progress bar over the tensors on stderr when it is a terminal (long for a 7B model).
     """
     weight_type, file_type = _check_ftype(ftype)
+    if not hasattr(tensors, "shape"):  # a plain state dict
+        tensors = ModelTensors(tensors)
     rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"rope_type {rope['rope_type']!r}: the GGUF writer supports default RoPE only (use ONNX)")
@@ -107,17 +115,31 @@ def write_language_model(
     if template := chat_template or getattr(tokenizer, "chat_template", None):
         w.add_chat_template(template)
 
+    # Tensor infos first (shapes from the headers), then the data a tensor at a time: memory stays at one tensor.
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for key, tensor in state_dict.items():
+    plan = []
+    for key in tensors:
         found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"unexpected language-model tensor {key!r}")
         kind, name = found
-        data = tensor.detach().float().numpy()
-        if kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
-            data = _rope_interleave(data, n_head if kind == MODEL_TENSOR.ATTN_Q else n_kv)
-        _add_tensor(w, name, data, weight_type)
-    return _write(w, path)
+        shape = tensors.shape(key)
+        qtype = _tensor_type(shape, weight_type)
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        heads = {MODEL_TENSOR.ATTN_Q: n_head, MODEL_TENSOR.ATTN_K: n_kv}.get(kind)
+        plan.append((key, qtype, heads))
+
+    def data():
+        for key, qtype, heads in tqdm(
+            plan, desc="gguf", unit="tensor", leave=False, disable=None if progress else True
+        ):
+            array = tensors[key].detach().float().numpy()
+            if heads:
+                array = _rope_interleave(array, heads)
+            yield gguf.quants.quantize(array, qtype)
+
+    return _write(w, path, data())
 
 
 def write_mmproj(
@@ -201,22 +223,39 @@ def _check_ftype(ftype: str) -> tuple[QType, gguf.LlamaFileType]:
     return FTYPES[ftype]
 
 
-def _write(w: gguf.GGUFWriter, path: str | os.PathLike) -> Path:
-    """Write to a sibling temp file and rename, so a killed run leaves no half-written GGUF behind."""
+def _write(w: gguf.GGUFWriter, path: str | os.PathLike, data: Iterable[np.ndarray] | None = None) -> Path:
+    """Write to a sibling temp file and rename, so a killed run leaves no half-written GGUF behind. `data`: the
+    tensors declared with add_tensor_info, in their order, produced one at a time; None: those added whole."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    w.write_header_to_file(partial)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file(partial)
+        w.write_kv_data_to_file()
+        if data is None:
+            w.write_tensors_to_file()
+        else:
+            w.write_ti_data_to_file()
+            for array in data:
+                w.write_tensor_data(array)
+        w.close()
+    except BaseException:
+        w.close()
+        partial.unlink(missing_ok=True)
+        raise
     return partial.replace(path)
 
 
-def _add_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, weight_type: QType) -> None:
+def _tensor_type(shape: Sequence[int], weight_type: QType) -> QType:
     """Norms, biases and other 1-D tensors stay F32 (llama.cpp expects it); Q8_0 needs rows of whole 32-blocks."""
-    qtype = QType.F32 if data.ndim == 1 else weight_type
-    if qtype == QType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = QType.F16
+    if len(shape) == 1:
+        return QType.F32
+    if weight_type == QType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[weight_type][0]:
+        return QType.F16
+    return weight_type
+
+
+def _add_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, weight_type: QType) -> None:
+    qtype = _tensor_type(data.shape, weight_type)
     w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 

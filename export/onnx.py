@@ -25,8 +25,12 @@ transformers' code as is and keeps batch / sequence / past length dynamic throug
 traced with a past of 2 and runs the prefill with a past of 0). Measured on the tiny LLaVA: vision graph 1.3 s against
 12.5 s with the dynamo exporter, whose decoder export also needs `dynamic_shapes` for every flat past tensor and the
 past + sequence = total relation spelled out. The 4-D additive attention mask is built in the wrapper from
-`attention_mask`, so no mask-building branch of transformers is frozen into the trace. A graph past protobuf's 2 GiB
-(a 7B-wide decoder) gets its weights in one `<graph>_data` file beside it (`edgekit.export.onnx_data`).
+`attention_mask`, so no mask-building branch of transformers is frozen into the trace.
+
+Weights: the graphs are traced without them (`export_params=False`) and `edgekit.export.onnx_data.attach_weights`
+writes them from the model a tensor at a time, so an export holds the model once: a graph past protobuf's 2 GiB (a
+7B-wide decoder) gets them in one `<graph>_data` file beside it. A model in float16 is traced in float16 (its graphs
+are the fp16 scheme's, no float32 copy made) behind float32 inputs and outputs, the contract of every folder.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from edgekit.export.onnx_data import consolidate, graph_files
+from edgekit.export.onnx_data import attach_weights, graph_files
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -128,8 +132,24 @@ class _Decoder(nn.Module):
         return (logits, *presents)
 
 
+class _Float32Interface(nn.Module):
+    """A half-precision module behind float32 inputs and outputs: the graph computes in the weights' precision and
+    keeps the contract of every other folder (what float16 conversion with keep_io_types gives)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args):
+        out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
 # --- export ------------------------------------------------------------------------------------------------------
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, opset: int):
+    dtype = next(module.parameters()).dtype
+    if dtype != torch.float32:
+        module = _Float32Interface(module, dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic and the exporter's deprecation notice
         torch.onnx.export(
@@ -140,10 +160,11 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
             output_names=outputs,
             dynamic_axes=axes,
             opset_version=opset,
-            do_constant_folding=True,
+            export_params=False,  # the weights are written by attach_weights, a tensor at a time
+            do_constant_folding=False,  # folding would hide which weight a transposed copy came from
             dynamo=False,
         )
-    consolidate(path)  # a graph past 2 GiB: torch wrote a file per tensor; keep one data file beside the graph
+    attach_weights(path, module)
 
 
 def _export_vision(vision: nn.Module, inputs: dict, family: Family, path: Path, opset: int) -> None:
@@ -196,7 +217,7 @@ def _export_decoder(model, family: Family, cross_states: torch.Tensor | None, pa
         assert cross_states is not None
         tiles = family.max_tiles(model.config)
         cross_mask = torch.ones(batch, seq, cross_states.shape[0] // tiles, tiles, dtype=torch.long)
-        args += [cross_states.detach(), cross_mask]
+        args += [cross_states.detach().float(), cross_mask]
         names += [n.CROSS_ATTENTION_STATES, n.CROSS_ATTENTION_MASK]
         axes[n.CROSS_ATTENTION_STATES] = {0: "num_images_x_tiles"}
         axes[n.CROSS_ATTENTION_MASK] = {0: "batch_size", 1: "sequence_length", 2: "num_images"}

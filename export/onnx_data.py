@@ -2,20 +2,26 @@
 ecosystem's large-model exports use (`decoder_model_merged.onnx` + `decoder_model_merged.onnx_data`), which ONNX Runtime
 and onnxruntime-genai load as they are.
 
-torch's exporter writes a large graph's initializers as one file each; `consolidate` moves them into the single data
-file a tensor at a time, so memory stays at the largest tensor. The quantizers load a graph whole and write it back
+The exporter traces without the weights; `attach_weights` then writes them from the module a tensor at a time, so
+memory stays at the model plus its largest tensor. The quantizers load a graph whole and write it back
 with `save_graph`; onnxruntime's own tools name their data file `<graph>.data`, which `relocate` renames.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import onnx
+import torch
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 ALIGN = 4096  # data offsets page-aligned, so ONNX Runtime can memory-map the file
 SMALL_TENSOR = 1024  # bytes: smaller initializers stay inside the graph
+INLINE_LIMIT = 1_800_000_000  # bytes of weights above which a graph keeps them outside (protobuf stops at 2 GiB)
 
 
 def data_file(graph: Path) -> Path:
@@ -27,27 +33,58 @@ def has_external_data(graph: Path) -> bool:
     return any(uses_external_data(t) for t in model.graph.initializer)
 
 
-def consolidate(graph: Path) -> None:
-    """The one-file-per-tensor external data torch writes, moved into `<graph>_data`, tensor by tensor."""
-    model = onnx.load(str(graph), load_external_data=False)
-    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
-    if not tensors:
-        return
-    folder, target = graph.parent, data_file(graph)
-    sources = [folder / ExternalDataInfo(t).location for t in tensors]
-    with open(target, "wb") as out:
-        for tensor, source in zip(tensors, sources):
-            info = ExternalDataInfo(tensor)
-            with open(source, "rb") as f:
-                f.seek(info.offset or 0)
-                data = f.read(info.length) if info.length else f.read()
+def attach_weights(graph: Path, module: torch.nn.Module) -> None:
+    """Give a graph exported without its weights (`export_params=False`) the module's parameters and buffers, written
+    a tensor at a time: inside the graph while the whole stays under protobuf's 2 GiB, else into `<graph>_data`, so
+    memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is stored transposed
+    instead (the folding the exporter does when it owns the weights), so MatMuls read it directly and the
+    quantizers find their weights as initializers."""
+    model = onnx.load(str(graph))
+    nodes, tensors = model.graph.node, {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            users[name].append(node)
+    stored: dict[str, tuple[torch.Tensor, bool]] = {}  # initializer name -> (tensor, transposed)
+    folded: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    for value in [v for v in model.graph.input if v.name in tensors]:
+        model.graph.input.remove(value)
+        uses = users[value.name]
+        if uses and all(_is_matrix_transpose(n) for n in uses):
+            stored[uses[0].output[0]] = (tensors[value.name], True)
+            renames |= {n.output[0]: uses[0].output[0] for n in uses[1:]}
+            folded += uses
+        else:
+            stored[value.name] = (tensors[value.name], False)
+    for node in folded:
+        nodes.remove(node)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    external = sum(t.numel() * t.element_size() for t, _ in stored.values()) > INLINE_LIMIT
+    target = data_file(graph)
+    with open(target, "wb") if external else contextlib.nullcontext() as out:
+        for name, (tensor, transposed) in stored.items():
+            array = tensor.detach().cpu().numpy()
+            array = np.ascontiguousarray(array.T if transposed else array)
+            if not external or array.nbytes < SMALL_TENSOR:
+                model.graph.initializer.append(numpy_helper.from_array(array, name))
+                continue
             out.write(b"\0" * (-out.tell() % ALIGN))
             offset = out.tell()
-            out.write(data)
-            _point(tensor, target.name, offset, len(data))
+            array.tofile(out)
+            proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+            proto.dims.extend(array.shape)
+            proto.data_location = onnx.TensorProto.EXTERNAL
+            _point(proto, target.name, offset, array.nbytes)
+            model.graph.initializer.append(proto)
     onnx.save(model, str(graph))
-    for source in set(sources) - {target}:  # the per-tensor files, once the graph points at the new one
-        source.unlink(missing_ok=True)
+
+
+def _is_matrix_transpose(node: onnx.NodeProto) -> bool:
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return node.op_type == "Transpose" and perm == [1, 0]
 
 
 def _point(tensor, location: str, offset: int | None, length: int | None) -> None:

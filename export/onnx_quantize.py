@@ -187,6 +187,15 @@ def _fp16(src: Path, dst: Path) -> dict:
     return {"method": "convert_float_to_float16", "keep_io_types": True, "kept_fp32": list(FP16_KEEP_FP32)}
 
 
+def record_traced_fp16(folder: Path) -> None:
+    """Describe a folder whose graphs were traced in float16 (a half-precision model) as the fp16 scheme's."""
+    path = folder / DESCRIPTION_FILE
+    desc = json.loads(path.read_text())
+    method = {"method": "traced in float16 (the model's own precision)", "keep_io_types": True}
+    desc["quantization"] = {"scheme": "fp16", "graphs": dict.fromkeys(GRAPH_FILES, method)}
+    path.write_text(json.dumps(desc, indent=2))
+
+
 def quantize(folder, scheme: str, out_folder, calibration_inputs: Iterable[Mapping] | None = None) -> OnnxExport:
     """Write `folder`'s graphs quantized with `scheme` (one of ONNX_SCHEMES) into `out_folder`, with the JSON updated.
     `calibration_inputs` (processor outputs of benign images with a prompt) are required for int8_qdq."""

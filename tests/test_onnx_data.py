@@ -1,30 +1,23 @@
-"""Graphs with external data, as torch writes them past protobuf's 2 GiB (one file per tensor), at tiny scale: they
-are consolidated into one `<graph>_data` file, every quantization scheme keeps that layout, and the folders answer
-token for token as the same graphs stored inline (every tensor external here, so nothing needs 2 GiB to be tested)."""
+"""Graphs with external data, as a graph past protobuf's 2 GiB gets them, at tiny scale: the weights go into one
+`<graph>_data` file per graph, every quantization scheme keeps that layout, and the folders answer token for token as
+the same graphs stored inline (the inline limit lowered to 0 here, so nothing needs 2 GiB to be tested)."""
 
 from __future__ import annotations
 
-import shutil
+from unittest import mock
 
 import numpy as np
-import onnx
 import pytest
 from test_onnx_export import GEN_EXIT, MAX_NEW_TOKENS, build_inputs, tiny_family
 from test_onnx_quantize import CALIBRATION
 
 from edgekit.devices.onnx_runtime import OnnxVLM
-from edgekit.export.onnx_data import consolidate, data_file
+from edgekit.export import onnx_data
+from edgekit.export.onnx import export_onnx
+from edgekit.export.onnx_data import data_file
 from edgekit.export.onnx_format import GRAPH_FILES
 from edgekit.export.onnx_quantize import quantize
 from edgekit.export.quantizations import ONNX_SCHEMES
-
-
-def _per_tensor_files(folder):
-    """Every graph of `folder` re-saved the way torch saves a large one: each initializer in a file of its own."""
-    for name in GRAPH_FILES:
-        model = onnx.load(str(folder / name))
-        path = str(folder / name)
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +25,20 @@ def folders(tiny_checkpoints, tmp_path_factory):
     tiny = tiny_family("llava", tiny_checkpoints, tmp_path_factory)
     inline = tiny.folder(GEN_EXIT)
     external = tmp_path_factory.mktemp("external") / "fp32"
-    shutil.copytree(inline, external)
-    _per_tensor_files(external)
-    assert len(list(external.iterdir())) > 20  # a file per tensor, as torch leaves a large graph
-    for name in GRAPH_FILES:
-        consolidate(external / name)
+    loaded = tiny.loaded
+    with mock.patch.object(onnx_data, "INLINE_LIMIT", 0):
+        export_onnx(
+            loaded.model,
+            loaded.processor,
+            loaded.family,
+            GEN_EXIT,
+            external,
+            sample_inputs=build_inputs(loaded.processor, 0),
+        )
     return tiny, inline, external
 
 
-def test_consolidated_into_one_data_file_per_graph(folders):
+def test_weights_in_one_data_file_per_graph(folders):
     tiny, inline, external = folders
     assert sorted(p.name for p in external.iterdir() if p.suffix not in (".json", ".npy")) == sorted(
         [*GRAPH_FILES, *(data_file(external / name).name for name in GRAPH_FILES)]

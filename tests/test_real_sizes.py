@@ -49,16 +49,18 @@ def test_a_sharded_write_loads_and_truncates(tmp_path, capsys):
 
 def test_an_export_the_machine_cannot_hold_is_refused_before_any_weight(tmp_path, capsys, monkeypatch):
     """From the config alone (no weights exist here), in seconds, with nothing written: LLaVA-1.5-7B widths with 4
-    language-model layers need about 13 GB to export to ONNX; a machine with 8 GiB available is told so."""
-    from edgekit.export import artifacts
+    language-model layers, exported for the phone (int8 ONNX: the quantizers read float32 graphs), need about 10 GiB;
+    a machine with 8 GiB available is told so."""
+    from edgekit.export import estimates
 
     config, _ = real_config("llava-1.5-7b", lm_layers=4)
     config.save_pretrained(tmp_path / "model")
-    monkeypatch.setattr(artifacts, "_available_memory", lambda: 8 << 30)
+    monkeypatch.setattr(estimates, "available_memory", lambda: 8 << 30)
     out = tmp_path / "out"
-    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "jetson", "-o", str(out)])
+    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "phone", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "needs about 12.5 GiB" in err[0] and "8.0 GiB available" in err[0], err
+    assert code == 2 and len(err) == 1 and "8.0 GiB available" in err[0], err
+    assert "holds the model in float32" in err[0] and "needs about 10.4 GiB" in err[0], err
     assert not out.exists()
 
 
@@ -81,3 +83,16 @@ def test_real_width_export_answers_in_every_onnx_runtime(tmp_path):
     for kind in ("onnx", "ortgenai", "hybrid"):
         tokens = open_runtime(kind, out, **({"n_ctx": 1024} if kind == "hybrid" else {})).generate(prompt, 4)
         assert 1 <= len(tokens) <= 4, kind
+
+
+def test_artifacts_too_big_for_the_target_are_refused_from_the_config(tmp_path, capsys):
+    """LLaVA-1.5-7B for the phone (4 GB budget): its int8 ONNX set is about 6.9 GB, so the export is refused before
+    any weight is read, and the line says the language-model GGUF alone (Q4_0, about 3.8 GB) would fit."""
+    config, _ = real_config("llava-1.5-7b")
+    config.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "phone", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists(), err
+    assert "the onnx set needs about 6.91 GB (int8_dynamic)" in err[0] and "budget is 4.00 GB" in err[0], err
+    assert "--formats gguf would fit (about 3.79 GB)" in err[0], err

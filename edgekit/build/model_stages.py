@@ -10,13 +10,13 @@ from edgekit.build.config import BuildConfig
 from edgekit.outputs import atomic_dir
 
 
-def load_model(source, cfg: BuildConfig, dtype: str | None = None):
+def load_model(source, cfg: BuildConfig, dtype: str | None = None, lazy: bool = False):
     """The base model (at the revision asked for) or a checkpoint a stage wrote, in `dtype` (default: the build's,
     for scans and alignment)."""
     from edgekit.model.loading import load
 
     revision = cfg.revision if source == cfg.model else None
-    return load(source, dtype=dtype or cfg.dtype, device=cfg.device, revision=revision)
+    return load(source, dtype=dtype or cfg.dtype, device=cfg.device, revision=revision, lazy=lazy)
 
 
 def scan_into(tmp: Path, loaded, cfg: BuildConfig, items, layers, default_layer: int, name: str):
@@ -67,7 +67,7 @@ def write_export(folder: Path, model: Path, cfg: BuildConfig, profile) -> None:
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     export_artifacts(
-        load_model(model, cfg, "float32"),  # traced in float32, then quantized for the target
+        load_model(model, cfg, "auto", lazy=True),  # as saved; the GGUF streams from the files
         cfg.exit_layer,
         profile,
         folder,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,13 +18,34 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
-    processor: object
-    family: Family
-    source: str  # what the user asked for: a hub id or a folder
-    revision: str | None  # the hub commit when loaded from the hub
+    """A model's processor and family, and its weights once `model` is first used: a step that streams the
+    checkpoint's files instead (a GGUF export) never holds the model in memory."""
+
+    def __init__(
+        self,
+        load_weights: Callable[[], torch.nn.Module],
+        config,
+        processor,
+        family: Family,
+        source: str,
+        revision: str | None,
+        folder: Path | None,
+    ):
+        self._load_weights = load_weights
+        self.config, self.processor, self.family = config, processor, family
+        self.source = source  # what the user asked for: a hub id or a folder
+        self.revision = revision  # the hub commit when loaded from the hub
+        self.folder = folder  # the local folder the weights are read from; None for a hub id
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        return self._load_weights()
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the weights are loaded (and may since have been changed in memory)."""
+        return "model" in self.__dict__
 
 
 def resolve_source(source: str | Path) -> str:
@@ -109,8 +131,10 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Model (eval mode) + processor + family. Works offline (HF_HUB_OFFLINE=1) from the local cache or a folder."""
+    """Model (eval mode) + processor + family. Works offline (HF_HUB_OFFLINE=1) from the local cache or a folder.
+    `lazy`: the weights load when `.model` is first used, not now."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if dtype not in DTYPES:
@@ -120,18 +144,31 @@ def load(
     if Path(resolved).is_dir():
         check_weight_files(Path(resolved))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            resolved,
-            dtype=DTYPES[dtype],
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-        )
         processor = AutoProcessor.from_pretrained(resolved, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise UserError(f"{source}: cannot load the model ({first_line(err)})") from None
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"device {device!r} is not usable here ({first_line(err)})") from None
-    return LoadedModel(model.eval(), processor, family_for(config), str(source), getattr(config, "_commit_hash", None))
+        raise UserError(f"{source}: cannot load the processor ({first_line(err)})") from None
+
+    def load_weights() -> torch.nn.Module:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                resolved,
+                dtype=DTYPES[dtype],
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+            )
+        except (OSError, ValueError) as err:
+            raise UserError(f"{source}: cannot load the model ({first_line(err)})") from None
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as err:
+            raise UserError(f"device {device!r} is not usable here ({first_line(err)})") from None
+        return model.eval()
+
+    folder = Path(resolved) if Path(resolved).is_dir() else None
+    loaded = LoadedModel(
+        load_weights, config, processor, family_for(config), str(source), getattr(config, "_commit_hash", None), folder
+    )
+    if not lazy:
+        loaded.model  # noqa: B018 (loads it now, where a failure belongs)
+    return loaded

@@ -1,0 +1,136 @@
+"""Export in bounded memory, at tiny scale: the language model GGUF streams from the checkpoint's files and equals the
+one written from the model in memory; a GGUF-only export never loads the model; a half-precision model is traced in
+float16 as it is (no float32 copy) and its graphs compute what PyTorch does; a disk too small is refused up front."""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import full_precision_profile
+from test_onnx_export import FAMILY_TYPES, GEN_EXIT, build_inputs
+from test_onnx_quantize import cosine
+
+from edgekit.devices.onnx_runtime import OnnxVLM
+from edgekit.errors import UserError
+from edgekit.export import estimates
+from edgekit.export.artifacts import export_artifacts
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, GRAPH_FILES
+from edgekit.model.families import attr_path
+from edgekit.model.loading import load
+from edgekit.model.surgery import set_exit_layer
+from edgekit.model.weights import CheckpointTensors, ModelTensors, checkpoint_dtype, language_model_tensors
+from edgekit.outputs import save_processor
+
+
+def _in_memory_lm(loaded) -> dict[str, torch.Tensor]:
+    lm = attr_path(loaded.model, loaded.family.language_model)
+    return {f"model.{k}": v for k, v in lm.state_dict().items()} | {
+        "lm_head.weight": loaded.model.get_output_embeddings().weight
+    }
+
+
+def _resaved(source: str, out, dtype: str):
+    """The checkpoint saved again by transformers in `dtype` (transformers 5's names: model.language_model.*)."""
+    loaded = load(source, dtype=dtype)
+    loaded.model.save_pretrained(out)
+    save_processor(loaded.processor, source, out)
+    return out
+
+
+def test_checkpoint_tensors_read_both_layouts_lazily(tiny_checkpoints, tmp_path):
+    hub = tiny_checkpoints["llava"]
+    want = _in_memory_lm(load(hub, dtype="float32"))
+    for folder in (hub, _resaved(hub, tmp_path / "v5", "float32")):
+        tensors = CheckpointTensors(folder)
+        lm = language_model_tensors(tensors)
+        assert sorted(lm) == sorted(want)
+        for name in lm:
+            assert lm.shape(name) == tuple(want[name].shape) and lm.dtype(name) == torch.float32
+            assert torch.equal(lm[name], want[name]), name
+        assert checkpoint_dtype(tensors) == torch.float32
+    assert checkpoint_dtype(CheckpointTensors(_resaved(hub, tmp_path / "half", "float16"))) == torch.float16
+
+
+def test_gguf_streamed_from_the_files_equals_the_one_from_memory(tiny_checkpoints, tmp_path):
+    from edgekit.export.gguf import write_language_model
+    from edgekit.model.families import text_config
+
+    loaded = load(tiny_checkpoints["llava"], dtype="float32")
+    config, tokenizer = text_config(loaded.config), loaded.processor.tokenizer
+    streamed = write_language_model(
+        config, language_model_tensors(CheckpointTensors(loaded.folder)), tokenizer, tmp_path / "streamed.gguf"
+    )
+    whole = write_language_model(config, ModelTensors(_in_memory_lm(loaded)), tokenizer, tmp_path / "whole.gguf")
+    a, b = gguf.GGUFReader(streamed), gguf.GGUFReader(whole)
+    tensors_b = {t.name: t for t in b.tensors}
+    assert len(a.tensors) == len(tensors_b) > 10
+    for t in a.tensors:
+        assert t.tensor_type == tensors_b[t.name].tensor_type and np.array_equal(t.data, tensors_b[t.name].data)
+
+
+def test_a_gguf_export_never_loads_the_model(tiny_checkpoints, tmp_path):
+    loaded = load(tiny_checkpoints["llava"], lazy=True)
+    result = export_artifacts(loaded, 3, full_precision_profile(gguf="q4_0"), tmp_path / "out", formats=("gguf",))
+    assert not loaded.in_memory
+    assert [e.path for e in result.files if e.format == "gguf"] == ["lm-q4_0.gguf"]
+    assert not (tmp_path / "out" / ".work").exists()
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, tmp_path):
+    """No float32 copy: the weights in the graphs are float16, inputs and outputs stay float32 (the contract of every
+    folder), the vision features match PyTorch's float32 ones, and the first logits match the float16 model's."""
+    half = load(_resaved(tiny_checkpoints[family], tmp_path / "half", "float16"), lazy=True)
+    export = export_artifacts(half, GEN_EXIT, full_precision_profile(onnx="fp16"), tmp_path / "out", formats=("onnx",))
+    assert half.model.dtype == torch.float16
+    folder = export.folder / export.onnx_dir
+    for name in GRAPH_FILES:
+        graph = onnx.load(str(folder / name))
+        weights = [
+            t for t in graph.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        ]
+        big = [t for t in weights if np.prod(t.dims) >= 256]
+        assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big), name
+        io = [v for v in [*graph.graph.input, *graph.graph.output] if v.type.tensor_type.elem_type in (1, 10)]
+        assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in io), name
+    matmul_weights = {n.input[1] for n in onnx.load(str(folder / DECODER_FILE)).graph.node if n.op_type == "MatMul"}
+    assert matmul_weights & {t.name for t in onnx.load(str(folder / DECODER_FILE)).graph.initializer}
+    assert "traced in float16" in (folder / DESCRIPTION_FILE).read_text()
+
+    full = load(tiny_checkpoints[family], dtype="float32")
+    vlm = OnnxVLM(folder)
+    for i in range(3):
+        inputs = build_inputs(half.processor, i)
+        set_exit_layer(full.model, GEN_EXIT)
+        with torch.no_grad():
+            features = full.family.features_per_layer(full.model, inputs, [GEN_EXIT])[GEN_EXIT].numpy()
+            want = half.model(**{k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}).logits
+        assert cosine(vlm.image_features(inputs), features) >= 0.99
+        assert cosine(_prefill_logits(vlm, inputs)[0, -1], want[0, -1].float().numpy()) >= 0.99
+
+
+def _prefill_logits(vlm: OnnxVLM, inputs) -> np.ndarray:
+    """The decoder's logits over the prompt (past length 0), fed as OnnxVLM.generate feeds its first step."""
+    mask = inputs["attention_mask"].numpy().astype(np.int64)
+    positions = np.cumsum(mask, -1) - 1
+    if vlm.cross:
+        cross = (vlm.vision_outputs(inputs), inputs["cross_attention_mask"].numpy().astype(np.int64))
+        embeds = vlm.embed_ids(inputs["input_ids"].numpy())
+    else:
+        cross, embeds = None, vlm.prompt_embeds(inputs)
+    return vlm.decoder_step(embeds, mask, positions, vlm.empty_past(1), cross)[0]
+
+
+def test_a_disk_too_small_is_refused_before_anything_is_written(tiny_checkpoints, tmp_path, monkeypatch):
+    loaded = load(tiny_checkpoints["llava"], lazy=True)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(UserError, match=r"writes about .* at its fullest; .* has 1000 B free"):
+        export_artifacts(loaded, 3, full_precision_profile(gguf="q4_0"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not loaded.in_memory
+    assert estimates.export_disk_need(loaded.config, 3, full_precision_profile(gguf="q4_0"), ("gguf",), "fp32") > 0
