@@ -1,6 +1,7 @@
 """Peak memory of L-PPO alignment against plain inference on the same model, each in its own process.
 
-    python benchmarks/align_memory.py [MODEL] [--size tiny|mid] [--out align_memory.json]
+    python benchmarks/align_memory.py [MODEL] [--size tiny|mid] [--dtype float32|bfloat16] [--rows N]
+        [--out align_memory.json]
 
 Inference: batched greedy generation at the exit layer. Alignment: a few L-PPO steps with the same batch and new
 tokens. Peak = VmHWM of the process, read at its end. Without MODEL a random LLaVA-1.5 is built (`--size mid`:
@@ -30,9 +31,9 @@ from edgekit.model.loading import load
 from edgekit.safety.scan import chat_inputs
 from edgekit.safety.suite import builtin_suite
 from edgekit.model.surgery import set_exit_layer
-mode, model, k, batch, new_tokens, steps, recompute = sys.argv[1:8]
+mode, model, k, batch, new_tokens, steps, recompute, dtype = sys.argv[1:9]
 k, batch, new_tokens, steps = int(k), int(batch), int(new_tokens), int(steps)
-loaded = load(model, dtype="float32")
+loaded = load(model, dtype=dtype)
 if mode == "inference":
     items = builtin_suite().select("eval", limit_per_kind=batch)[:batch]
     inputs = chat_inputs(loaded.processor, items)
@@ -74,6 +75,7 @@ def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = 
         str(args.new_tokens),
         str(args.steps),
         str(int(recompute)),
+        args.dtype,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ | env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", help="float32, or bfloat16 as alignment runs on a GPU")
+    ap.add_argument("--rows", type=int, default=len(RUNS), help="measure only the first N rows (allocator settings)")
     ap.add_argument("--out", default="align_memory.json")
     args = ap.parse_args()
     model = args.model
@@ -103,7 +107,7 @@ def main() -> None:
             save_tiny(*build_tiny("llava", MID_SIZES), folder)
         model = str(folder)
     rows, inference = [], {}
-    for allocator, env, recompute in RUNS:
+    for allocator, env, recompute in RUNS[: args.rows]:
         key = tuple(env.items())
         inference[key] = inference.get(key) or measure("inference", model, args, env)
         alignment = measure("align", model, args, env, recompute)
@@ -120,6 +124,7 @@ def main() -> None:
         "model": model,
         "size": args.size if args.model is None else None,
         "exit_layer": args.exit_layer,
+        "dtype": args.dtype,
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "steps": args.steps,

@@ -5,10 +5,10 @@ random weights in the hub's layout (`edgekit.model.real_sizes`).
     python benchmarks/scale_bench.py [--work DIR] [--sizes mid,1.4b,7b] [--out benchmarks/results/scale_bench.json]
         [--plot docs/scale-bench.png]
 
-Exports target jetson-agx-orin, the profile whose budget (28 GB) holds a 7B in fp16. Each stage is its own `edgekit` process; its peak memory is that process's maximum RSS (`os.wait4`; this script
-imports no torch, so the floor it leaves under that figure is a few dozen MB). A stage edgekit refuses on this
-machine (an export that would not fit in memory) is recorded with its one-line reason and the seconds the refusal
-took. Checkpoints are written once into --work and reused.
+Exports target jetson-agx-orin, the profile whose budget (28 GB) holds a 7B in fp16. Each stage is its own `edgekit`
+process; its peak memory is that process's maximum RSS (`os.wait4`; this script imports no torch, so the floor it
+leaves under that figure is a few dozen MB). A stage edgekit refuses on this machine is recorded with its one-line
+reason and the seconds the refusal took. Checkpoints are written once into --work and reused.
 """
 
 from __future__ import annotations

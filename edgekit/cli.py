@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=BUILD_DTYPES,
         help="precision of scans and alignment (default float32; bfloat16 or float16 on a GPU); truncation and "
-        "export always use float32",
+        "export keep the checkpoint's",
     )
     p.set_defaults(func=commands.cmd_build)
 

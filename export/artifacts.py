@@ -37,7 +37,13 @@ import torch
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
-from edgekit.export.estimates import HALF_DTYPES, check_export_disk, check_export_fits, check_export_memory
+from edgekit.export.estimates import (
+    HALF_DTYPES,
+    HALF_SCHEMES,
+    check_export_disk,
+    check_export_fits,
+    check_export_memory,
+)
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
@@ -237,12 +243,15 @@ def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_i
     from edgekit.export.onnx_quantize import quantize, record_traced_fp16
 
     model = loaded.model
-    if scheme == "fp16" and model.dtype in HALF_DTYPES:  # traced in float16: no float32 copy, no conversion
-        export_onnx(model.to(torch.float16), loaded.processor, loaded.family, k, out, opset=profile.onnx_opset)
-        record_traced_fp16(out)
+    if scheme in HALF_SCHEMES and model.dtype in HALF_DTYPES:  # traced in float16: no float32 copy
+        traced = out if scheme == "fp16" else work / "onnx-fp16"
+        export_onnx(model.to(torch.float16), loaded.processor, loaded.family, k, traced, opset=profile.onnx_opset)
+        record_traced_fp16(traced)
+        if scheme == "int4":  # streams a weight at a time
+            quantize(traced, scheme, out)
         return
     fp32 = out if scheme == "fp32" else work / "onnx-fp32"
-    model.float()  # onnxruntime's quantizers and float16 conversion read float32 graphs
+    model.float()  # onnxruntime's int8 quantizers and float16 conversion read float32 graphs
     export_onnx(model, loaded.processor, loaded.family, k, fp32, opset=profile.onnx_opset)
     if scheme != "fp32":
         calibration = calibration_inputs

@@ -25,6 +25,7 @@ from edgekit.errors import UserError
 from edgekit.units import human_bytes
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_SCHEMES = ("fp16", "int4")  # what a half-precision model is traced in float16 for (int4 then streams)
 GGUF_PEAK_BASE = 2 << 30
 GGUF_PEAK_PER_LARGEST_FP32 = 3.0
 ONNX_PEAK_PER_HALF_BYTE = 1.15
@@ -47,6 +48,11 @@ def checkpoint_dtype(config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def traced_in_half(config, scheme: str) -> bool:
+    """Whether the export traces the model in float16 as it is (else: in float32)."""
+    return scheme in HALF_SCHEMES and checkpoint_dtype(config) in HALF_DTYPES
+
+
 def export_memory_need(config, formats: Sequence[str], scheme: str) -> tuple[int, str]:
     """The peak memory an export of `config`'s model needs, and what holds it."""
     from edgekit.model.families import text_config
@@ -58,7 +64,7 @@ def export_memory_need(config, formats: Sequence[str], scheme: str) -> tuple[int
         largest = text.vocab_size * text.hidden_size * 4
         needs.append((int(GGUF_PEAK_BASE + GGUF_PEAK_PER_LARGEST_FP32 * largest), "streams the language model"))
     if "onnx" in formats or "mmproj" in formats:
-        if scheme == "fp16" and checkpoint_dtype(config) in HALF_DTYPES:
+        if traced_in_half(config, scheme):
             held = model_sizes(config, dtype=torch.float16).parts[-1].bytes
             needs.append((int(ONNX_PEAK_PER_HALF_BYTE * held), "holds the model in float16"))
         else:
@@ -90,6 +96,8 @@ def runtime_set_bytes(config, exit_layer: int, profile, formats: Sequence[str], 
     text = text_config(config)
     embed = text.vocab_size * text.hidden_size
     per_vision, per_embed, per_decoder = ONNX_BYTES_PER_PARAM[scheme]
+    if traced_in_half(config, scheme):  # the graphs the scheme leaves alone stay as traced
+        per_vision, per_embed = min(per_vision, 2), min(per_embed, 2)
     vision = vision_params * per_vision
     lm = language * GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
     sets = {}
@@ -130,12 +138,13 @@ def export_disk_need(config, exit_layer: int, profile, formats: Sequence[str], s
 
     sets = runtime_set_bytes(config, exit_layer, profile, formats, scheme)
     text = text_config(config)
-    embed = text.vocab_size * text.hidden_size * ONNX_BYTES_PER_PARAM[scheme][1]
+    half = traced_in_half(config, scheme)
+    embed = text.vocab_size * text.hidden_size * (2 if half else ONNX_BYTES_PER_PARAM[scheme][1])
     lm = sets.get("gguf", 0)
     artifacts = sets.get("onnx", 0) + embed + lm if "onnx" in formats else lm
     params = model_sizes(config, exit_layer=exit_layer, dtype=torch.float32).parts[-1].params
-    native = scheme == "fp32" or (scheme == "fp16" and checkpoint_dtype(config) in HALF_DTYPES)
-    onnx_work = 0 if native or "onnx" not in formats else 4 * params
+    traced = 0 if scheme == "fp32" or (half and scheme == "fp16") else (2 if half else 4) * params
+    onnx_work = traced if "onnx" in formats else 0
     gguf_work = 0
     if "gguf" in formats and profile.gguf_quantization not in PYTHON_GGUF_TYPES:
         gguf_work = params * torch.empty((), dtype=checkpoint_dtype(config)).element_size()

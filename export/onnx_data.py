@@ -9,7 +9,6 @@ with `save_graph`; onnxruntime's own tools name their data file `<graph>.data`, 
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,23 +62,43 @@ def attach_weights(graph: Path, module: torch.nn.Module) -> None:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
     external = sum(t.numel() * t.element_size() for t, _ in stored.values()) > INLINE_LIMIT
-    target = data_file(graph)
-    with open(target, "wb") if external else contextlib.nullcontext() as out:
+    with InitializerWriter(model, graph, external) as writer:
         for name, (tensor, transposed) in stored.items():
             array = tensor.detach().cpu().numpy()
-            array = np.ascontiguousarray(array.T if transposed else array)
-            if not external or array.nbytes < SMALL_TENSOR:
-                model.graph.initializer.append(numpy_helper.from_array(array, name))
-                continue
-            out.write(b"\0" * (-out.tell() % ALIGN))
-            offset = out.tell()
-            array.tofile(out)
-            proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-            proto.dims.extend(array.shape)
-            proto.data_location = onnx.TensorProto.EXTERNAL
-            _point(proto, target.name, offset, array.nbytes)
-            model.graph.initializer.append(proto)
+            writer.add(name, np.ascontiguousarray(array.T if transposed else array))
     onnx.save(model, str(graph))
+
+
+class InitializerWriter:
+    """Adds initializers to `model` one at a time: inside the graph, or (`external`) into `<graph>_data` at
+    page-aligned offsets, the bytes written straight to the file (tiny ones stay inside the graph either way)."""
+
+    def __init__(self, model: onnx.ModelProto, graph: Path, external: bool):
+        self.model, self.target, self.external = model, data_file(graph), external
+        self._out = None
+
+    def __enter__(self) -> InitializerWriter:
+        if self.external:
+            self._out = open(self.target, "wb")  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._out is not None:
+            self._out.close()
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if self._out is None or array.nbytes < SMALL_TENSOR:
+            self.model.graph.initializer.append(numpy_helper.from_array(array, name))
+            return
+        out = self._out
+        out.write(b"\0" * (-out.tell() % ALIGN))
+        offset = out.tell()
+        np.ascontiguousarray(array).tofile(out)
+        proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        proto.dims.extend(array.shape)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        _point(proto, self.target.name, offset, array.nbytes)
+        self.model.graph.initializer.append(proto)
 
 
 def _is_matrix_transpose(node: onnx.NodeProto) -> bool:

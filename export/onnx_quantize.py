@@ -17,7 +17,10 @@
 - fp16 keeps graph inputs/outputs fp32 (keep_io_types) and leaves normalisation (LayerNorm, RMSNorm's Pow /
   ReduceMean / Sqrt / Reciprocal / Div) and Softmax in fp32: the known fp16 overflow trap of ViT norms.
 - int4 is weight-only (MatMulNBits, symmetric, block-wise, accuracy_level 4 = int8 compute on CPU) for the decoder,
-  where the bytes are; the vision tower and the embedding table stay fp32.
+  where the bytes are; the vision tower and the embedding table stay as exported (fp32, or fp16 when a half-precision
+  model was traced in float16). onnxruntime's block quantizer kernel runs on one weight at a time and the graph is
+  rewritten here (the same bytes as its MatMulNBitsQuantizer, which loads the whole graph), so a 7B decoder
+  quantizes in the memory of its largest weight.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx
+from onnx import helper, numpy_helper
 
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
 from edgekit.export.onnx import OnnxExport, graph_io
-from edgekit.export.onnx_data import graph_files, has_external_data, relocate, save_graph
+from edgekit.export.onnx_data import InitializerWriter, graph_files, has_external_data, relocate, save_graph
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -153,20 +157,62 @@ def _int8_qdq(src: Path, dst: Path, feeds: list[dict], ops: Sequence[str]) -> di
 
 
 def _int4(src: Path, dst: Path) -> dict:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(src)),
-        bits=4,
-        block_size=INT4_BLOCK_SIZE,
-        is_symmetric=True,
-        accuracy_level=4,
-        op_types_to_quantize=("MatMul",),
+    """Every MatMul with a 2-D weight becomes MatMulNBits, a weight at a time: onnxruntime's own block quantizer
+    (the kernel its MatMulNBitsQuantizer calls) on each weight as it is read, the graph rewritten here, so memory
+    holds one weight, not the graph (onnxruntime's quantizer loads it whole: a 7B decoder would need 27 GB). The
+    weights keep their precision's scales, so a float16 graph gets float16 scales."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
     )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=has_external_data(src))
-    relocate(dst, _ort_data(dst))
-    return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "accuracy_level": 4}
+
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=4)
+    quantizer = DefaultWeightOnlyQuantizer(config)
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    originals = list(graph.initializer)
+    shapes = {t.name: list(t.dims) for t in originals}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2]
+    quantized = {n.input[1] for n in matmuls}
+    rewritten = {id(n) for n in matmuls}
+    still_used = {name for n in graph.node if id(n) not in rewritten for name in n.input}
+    del graph.initializer[:]
+    with InitializerWriter(model, dst, has_external_data(src)) as writer:
+        for tensor in originals:
+            array = numpy_helper.to_array(tensor, base_dir=str(src.parent))
+            if tensor.name in quantized:
+                packed, scales, _ = quantizer.qbits_block_quant(array)
+                writer.add(f"{tensor.name}_Q4", packed)
+                writer.add(f"{tensor.name}_scales", scales)
+            if tensor.name not in quantized or tensor.name in still_used:
+                writer.add(tensor.name, array)
+    for node in matmuls:
+        k, n = shapes[node.input[1]]
+        nbits = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], f"{node.input[1]}_Q4", f"{node.input[1]}_scales"],
+            list(node.output),
+            name=f"{node.name}_Q4",
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=INT4_BLOCK_SIZE,
+            accuracy_level=4,
+        )
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, nbits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    return {
+        "method": "MatMulNBits (onnxruntime's block quantizer, a weight at a time)",
+        "bits": 4,
+        "block_size": INT4_BLOCK_SIZE,
+        "symmetric": True,
+        "accuracy_level": 4,
+    }
 
 
 def _fp16(src: Path, dst: Path) -> dict:
@@ -232,7 +278,8 @@ def quantize(folder, scheme: str, out_folder, calibration_inputs: Iterable[Mappi
         files.append(NEWLINE_FILE)
     desc = json.loads((folder / DESCRIPTION_FILE).read_text())
     desc["graphs"] = {name: graph_io(out / name) for name in GRAPH_FILES}
-    methods = {name: done.get(name, {"method": "none (fp32)"}) for name in GRAPH_FILES}
+    before = desc.get("quantization", {}).get("graphs", {})  # a folder traced in float16 says so
+    methods = {name: done.get(name, before.get(name, {"method": "none (fp32)"})) for name in GRAPH_FILES}
     desc["quantization"] = {"scheme": scheme, "graphs": methods}
     (out / DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2))
     files.append(DESCRIPTION_FILE)

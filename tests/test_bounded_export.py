@@ -4,6 +4,7 @@ float16 as it is (no float32 copy) and its graphs compute what PyTorch does; a d
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import gguf
@@ -19,7 +20,7 @@ from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
 from edgekit.export import estimates
 from edgekit.export.artifacts import export_artifacts
-from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, GRAPH_FILES
+from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, GRAPH_FILES, VISION_FILE
 from edgekit.model.families import attr_path
 from edgekit.model.loading import load
 from edgekit.model.surgery import set_exit_layer
@@ -134,3 +135,20 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tiny_checkpoints
         export_artifacts(loaded, 3, full_precision_profile(gguf="q4_0"), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not loaded.in_memory
     assert estimates.export_disk_need(loaded.config, 3, full_precision_profile(gguf="q4_0"), ("gguf",), "fp32") > 0
+
+
+def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_checkpoints, tmp_path):
+    """int4 on a half-precision model: traced in float16 (no float32 copy), then MatMulNBits with float16 scales
+    a weight at a time; the other graphs stay float16, and the folder answers."""
+    half = load(_resaved(tiny_checkpoints["llava"], tmp_path / "half", "float16"), lazy=True)
+    export = export_artifacts(half, GEN_EXIT, full_precision_profile(onnx="int4"), tmp_path / "out", formats=("onnx",))
+    folder = export.folder / export.onnx_dir
+    decoder = onnx.load(str(folder / DECODER_FILE)).graph
+    nbits = [n for n in decoder.node if n.op_type == "MatMulNBits"]
+    scales = {t.name: t for t in decoder.initializer if t.name.endswith("_scales")}
+    assert nbits and not [n for n in decoder.node if n.op_type == "MatMul" and n.input[1] in scales]
+    assert all(scales[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)
+    quantization = json.loads((folder / DESCRIPTION_FILE).read_text())["quantization"]["graphs"]
+    assert quantization[DECODER_FILE]["bits"] == 4 and "float16" in quantization[VISION_FILE]["method"]
+    tokens = OnnxVLM(folder).generate(build_inputs(half.processor, 0), 8, eos_token_ids=())
+    assert tokens.shape == (1, 8)

@@ -46,7 +46,9 @@ class BuildConfig:
     gates: dict[str, float] = field(default_factory=dict)  # overrides of the profile's limits, and max_drift_points
     bench_prompts: int = 5
     device: str = "cpu"
-    dtype: str = "float32"  # scans and alignment (bfloat16 / float16 on a GPU); truncation and export use float32
+    dtype: str = (
+        "float32"  # scans and alignment (bfloat16 / float16 on a GPU); truncation and export keep the saved one
+    )
 
     def __post_init__(self):
         unknown = sorted(set(self.gates) - set(BUILD_GATE_KEYS))

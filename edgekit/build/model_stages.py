@@ -57,7 +57,7 @@ def write_align(folder: Path, source, cfg: BuildConfig) -> None:
 def write_truncate(folder: Path, aligned: Path, cfg: BuildConfig) -> None:
     from edgekit.model.surgery import truncate_checkpoint
 
-    truncate_checkpoint(load_model(aligned, cfg, "float32"), cfg.exit_layer, folder, overwrite=True)
+    truncate_checkpoint(load_model(aligned, cfg, "auto"), cfg.exit_layer, folder, overwrite=True)  # as saved
 
 
 def write_export(folder: Path, model: Path, cfg: BuildConfig, profile) -> None:
