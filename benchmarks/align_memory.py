@@ -33,7 +33,11 @@ from edgekit.safety.suite import builtin_suite
 from edgekit.model.surgery import set_exit_layer
 mode, model, k, batch, new_tokens, steps, recompute, dtype = sys.argv[1:9]
 k, batch, new_tokens, steps = int(k), int(batch), int(new_tokens), int(steps)
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
 loaded = load(model, dtype=dtype)
+load_peak, loaded_rss = status("VmHWM"), status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on: the work, not the load's conversions
 if mode == "inference":
     items = builtin_suite().select("eval", limit_per_kind=batch)[:batch]
     inputs = chat_inputs(loaded.processor, items)
@@ -48,9 +52,11 @@ else:
     from edgekit.align.trainer import align
     config = LPPOConfig(exit_layer=k, steps=steps, batch=batch, minibatch=batch // 2, max_new_tokens=new_tokens,
                         checkpoint_every=0, recompute_activations=recompute == "1")
-    align(loaded, tempfile.mkdtemp() + "/out", config, make_reward("judge"), progress=False)
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"peak_rss_mib": peak / 1024}))
+    with tempfile.TemporaryDirectory() as out:  # the merged model is not wanted, only the memory it took
+        align(loaded, out + "/out", config, make_reward("judge"), progress=False)
+work_peak = status("VmHWM")
+peaks = {"peak_rss_mib": max(load_peak, work_peak), "work_peak_rss_mib": work_peak, "loaded_rss_mib": loaded_rss}
+print(json.dumps(peaks))
 """
 
 
@@ -63,7 +69,9 @@ RUNS = [
 ]
 
 
-def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = True) -> float:
+def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = True) -> dict:
+    """Peak RSS of the whole process, peak after the model is loaded (what a GPU would hold: loading converts
+    on the CPU), and RSS right after loading, in MiB."""
     cmd = [
         sys.executable,
         "-c",
@@ -78,7 +86,7 @@ def measure(mode: str, model: str, args, env: dict[str, str], recompute: bool = 
         args.dtype,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ | env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -115,9 +123,12 @@ def main() -> None:
             {
                 "allocator": allocator,
                 "recompute_activations": recompute,
-                "inference_peak_rss_mib": inference[key],
-                "align_peak_rss_mib": alignment,
-                "ratio": alignment / inference[key],
+                "inference_peak_rss_mib": inference[key]["peak_rss_mib"],
+                "align_peak_rss_mib": alignment["peak_rss_mib"],
+                "ratio": alignment["peak_rss_mib"] / inference[key]["peak_rss_mib"],
+                "loaded_rss_mib": alignment["loaded_rss_mib"],
+                "inference_after_load_peak_rss_mib": inference[key]["work_peak_rss_mib"],
+                "align_after_load_peak_rss_mib": alignment["work_peak_rss_mib"],
             }
         )
     result = {
@@ -133,12 +144,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(
         f"| allocator | inference (greedy, exit {args.exit_layer}) MiB | L-PPO ({args.steps} steps, batch "
-        f"{args.batch}) MiB | ratio |\n|---|---|---|---|"
+        f"{args.batch}) MiB | ratio | after loading: model, inference, L-PPO MiB |\n|---|---|---|---|---|"
     )
     for r in rows:
         print(
             f"| {r['allocator']} | {r['inference_peak_rss_mib']:.0f} | {r['align_peak_rss_mib']:.0f} | "
-            f"{r['ratio']:.2f}x |"
+            f"{r['ratio']:.2f}x | {r['loaded_rss_mib']:.0f}, {r['inference_after_load_peak_rss_mib']:.0f}, "
+            f"{r['align_after_load_peak_rss_mib']:.0f} |"
         )
 
 

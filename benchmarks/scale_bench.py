@@ -8,7 +8,8 @@ random weights in the hub's layout (`edgekit.model.real_sizes`).
 Exports target jetson-agx-orin, the profile whose budget (28 GB) holds a 7B in fp16. Each stage is its own `edgekit`
 process; its peak memory is that process's maximum RSS (`os.wait4`; this script imports no torch, so the floor it
 leaves under that figure is a few dozen MB). A stage edgekit refuses on this machine is recorded with its one-line
-reason and the seconds the refusal took. Checkpoints are written once into --work and reused.
+reason and the seconds the refusal took. Checkpoints are written once into --work and reused; what the stages
+write is removed once measured.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +127,8 @@ def main() -> None:
         for stage, template in STAGES.items():
             argv = [part.format(model=model, work=work, size=size) for part in template]
             results[size]["stages"][stage] = row = measure(argv)
+            if "-o" in argv:  # outputs are not kept: a 7B export is 18 GB
+                shutil.rmtree(argv[argv.index("-o") + 1], ignore_errors=True)
             print(f"{size} ({params / 1e9:.2f}B) {stage}: {json.dumps(row)}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     plot(results, Path(args.plot))
