@@ -8,11 +8,15 @@
       mmproj-k{K}-{qtype}.gguf       vision tower cut at K + projector, for llama.cpp's mtmd (LLaVA-1.5; opt-in)
       processor/                     the HF processor (tokenizer, image processor, chat template) the runtimes use
 
-ONNX graphs are exported in fp32 and then quantized with the profile's scheme (`edgekit.export.onnx_quantize`); the
-fp32 graphs are an intermediate unless the scheme is fp32. GGUF files are written in f32/f16/q8_0 by Python and
-K-quants / Q4_0 by llama.cpp's own quantizer from an f32 intermediate. Then the memory check: each runtime set (the
-ONNX folder; LM + mmproj; the hybrid's vision graph + LM) must fit the profile's budget, or the export fails with a
-UserError and nothing is left written. The budget covers the weights a device loads, not its KV cache or activations.
+Memory: the model is held once, in the precision it was saved in. The language model GGUF is written first, streamed
+from the checkpoint's files a tensor at a time (the model is not loaded for it); f32/f16/bf16/q8_0 by Python, K-quants
+and Q4_0 by llama.cpp's own quantizer from an intermediate in the checkpoint's precision. ONNX: a half-precision model
+is traced in float16 for the fp16 and int4 schemes (int4 then quantizes a weight at a time); otherwise the graphs are
+traced in float32 and quantized with the profile's scheme (`edgekit.export.onnx_quantize`), the traced graphs being an
+intermediate. What the export will need (memory, disk, the budget) is checked from the config first
+(`edgekit.export.estimates`); after writing, each runtime set (the ONNX folder; LM + mmproj; the hybrid's vision graph
++ LM) must fit the profile's budget, or the export fails with a UserError and nothing is left written. The budget
+covers the weights a device loads, not its KV cache or activations.
 
 Per family, as the family table says (`gguf_language_model`, `gguf_projector`): LLaVA-1.5 can get every artifact.
 The mmproj (llama.cpp's own vision pipeline) is written only when `mmproj` is among the formats: that pipeline puts

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edgekit.errors import UserError
+from edgekit.model.sizes import config_dtype
 from edgekit.units import human_bytes
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -43,14 +44,9 @@ ONNX_BYTES_PER_PARAM = {
 GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q4_k_m": 0.625, "q4_0": 0.5625}
 
 
-def checkpoint_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 def traced_in_half(config, scheme: str) -> bool:
     """Whether the export traces the model in float16 as it is (else: in float32)."""
-    return scheme in HALF_SCHEMES and checkpoint_dtype(config) in HALF_DTYPES
+    return scheme in HALF_SCHEMES and config_dtype(config) in HALF_DTYPES
 
 
 def export_memory_need(config, formats: Sequence[str], scheme: str) -> tuple[int, str]:
@@ -147,7 +143,7 @@ def export_disk_need(config, exit_layer: int, profile, formats: Sequence[str], s
     onnx_work = traced if "onnx" in formats else 0
     gguf_work = 0
     if "gguf" in formats and profile.gguf_quantization not in PYTHON_GGUF_TYPES:
-        gguf_work = params * torch.empty((), dtype=checkpoint_dtype(config)).element_size()
+        gguf_work = params * torch.empty((), dtype=config_dtype(config)).element_size()
     return int(artifacts + max(onnx_work, gguf_work))
 
 

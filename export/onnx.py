@@ -27,10 +27,9 @@ traced with a past of 2 and runs the prefill with a past of 0). Measured on the 
 past + sequence = total relation spelled out. The 4-D additive attention mask is built in the wrapper from
 `attention_mask`, so no mask-building branch of transformers is frozen into the trace.
 
-Weights: the graphs are traced without them (`export_params=False`) and `edgekit.export.onnx_data.attach_weights`
-writes them from the model a tensor at a time, so an export holds the model once: a graph past protobuf's 2 GiB (a
-7B-wide decoder) gets them in one `<graph>_data` file beside it. A model in float16 is traced in float16 (its graphs
-are the fp16 scheme's, no float32 copy made) behind float32 inputs and outputs, the contract of every folder.
+Weights: traced without them (`export_params=False`), then written from the model a tensor at a time by
+`edgekit.export.onnx_data.attach_weights` (past 2 GiB, into `<graph>_data`). A float16 model is traced in float16
+behind float32 inputs and outputs, the contract of every folder.
 """
 
 from __future__ import annotations
@@ -133,12 +132,11 @@ class _Decoder(nn.Module):
 
 
 class _Float32Interface(nn.Module):
-    """A half-precision module behind float32 inputs and outputs: the graph computes in the weights' precision and
-    keeps the contract of every other folder (what float16 conversion with keep_io_types gives)."""
+    """A half-precision module behind float32 inputs and outputs (what float16 conversion's keep_io_types gives)."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.module, self.dtype = module, dtype
+        self.module, self.dtype = module, next(module.parameters()).dtype
 
     def forward(self, *args):
         out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
@@ -147,9 +145,8 @@ class _Float32Interface(nn.Module):
 
 # --- export ------------------------------------------------------------------------------------------------------
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, opset: int):
-    dtype = next(module.parameters()).dtype
-    if dtype != torch.float32:
-        module = _Float32Interface(module, dtype)
+    if next(module.parameters()).dtype != torch.float32:
+        module = _Float32Interface(module)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic and the exporter's deprecation notice
         torch.onnx.export(

@@ -36,14 +36,18 @@ def _count(module: torch.nn.Module, dtype_bytes: int) -> tuple[int, int]:
     return n, n * dtype_bytes
 
 
+def config_dtype(config) -> torch.dtype:
+    """The precision a config says its weights were saved in (float32 when it does not say)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def model_sizes(config, exit_layer: int | None = None, dtype: torch.dtype | None = None) -> Sizes:
     """Sizes of the model `config` describes; with `exit_layer`, also what truncating there saves."""
     from transformers import AutoModelForImageTextToText
 
     family: Family = family_for(config)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = dtype or config_dtype(config)
     width = torch.empty((), dtype=dtype).element_size()
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
