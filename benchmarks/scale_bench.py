@@ -100,6 +100,9 @@ def plot(results: dict, path: Path) -> None:
         params = [p for p, _ in points]
         axes[0].plot(params, [s["seconds"] for _, s in points], marker="o", label=stage)
         axes[1].plot(params, [s["peak_rss_gib"] for _, s in points], marker="o", label=stage)
+    params = sorted(r["params"] for r in results.values())
+    axes[1].plot(params, [2 * p / 2**30 for p in params], "k--", lw=1, label="fp16 checkpoint")
+    axes[1].legend(fontsize=8)
     for ax, label in zip(axes, ("seconds", "peak RSS (GiB)")):
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)

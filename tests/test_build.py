@@ -98,14 +98,18 @@ def test_new_artifacts_drop_the_results_devices_gave_for_the_old(built, tiny_che
     assert not (out / "devices").exists()
 
 
-def test_a_bfloat16_build_scans_and_aligns_in_bfloat16_and_exports_float32(tiny_checkpoints, tmp_path):
+def test_a_bfloat16_build_keeps_half_precision_through_to_a_float16_trace(tiny_checkpoints, tmp_path):
+    """Scans and alignment in bfloat16; the aligned checkpoint stays bfloat16 through truncation (no float32 copy),
+    and the Jetson's fp16 graphs are traced in float16 from it."""
     out = tmp_path / "out"
     argv = build_argv(tiny_checkpoints["llava"], out, build_config(tmp_path, GENEROUS_GATES))
     assert main([*argv, "--dtype", "bfloat16"]) == 0
     assert json.loads((out / Stage.SCAN / STAGE_FILE).read_text())["inputs"]["dtype"] == "bfloat16"
     assert json.loads((out / Stage.ALIGN / STAGE_FILE).read_text())["inputs"]["dtype"] == "bfloat16"
     truncated = json.loads((out / Stage.TRUNCATE / "config.json").read_text())
-    assert truncated.get("dtype", truncated.get("torch_dtype")) == "float32"
+    assert truncated.get("dtype", truncated.get("torch_dtype")) == "bfloat16"
+    description = next((out / Stage.EXPORT).glob("onnx-*/edgekit_onnx.json")).read_text()
+    assert "traced in float16" in description
 
 
 def test_a_rerun_that_fails_early_does_not_print_the_previous_report(built, tiny_checkpoints, capsys):

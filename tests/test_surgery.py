@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def test_truncated_checkpoint_equals_exit_at_every_layer(family, tiny_checkpoint
     n_layers = num_exit_layers(loaded.model)
     assert n_layers == (32 if family == "mllama" else 24)
     for k in range(1, n_layers + 1):
-        fresh = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+        fresh = loaded.with_model(copy.deepcopy(loaded.model))
         set_exit_layer(loaded.model, k)
         expected = _logits(loaded.model, inputs)
         out = truncate_checkpoint(fresh, k, tmp_path / f"k{k}")
@@ -85,7 +84,7 @@ def test_truncated_checkpoint_loads_without_edgekit(tiny_checkpoints, tmp_path):
     set_exit_layer(loaded.model, 9)
     expected = _logits(loaded.model, inputs)
     torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
-    out = truncate_checkpoint(dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)), 9, tmp_path / "cut")
+    out = truncate_checkpoint(loaded.with_model(copy.deepcopy(loaded.model)), 9, tmp_path / "cut")
     script = f"""
 import json, sys, torch
 from transformers import AutoModelForImageTextToText, AutoProcessor

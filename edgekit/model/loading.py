@@ -42,6 +42,12 @@ class LoadedModel:
     def model(self) -> torch.nn.Module:
         return self._load_weights()
 
+    def with_model(self, model: torch.nn.Module) -> LoadedModel:
+        """The same processor, family and source around another model in memory (a copy, an aligned one)."""
+        other = LoadedModel(lambda: model, self.config, self.processor, self.family, self.source, self.revision, None)
+        other.model  # noqa: B018 (in memory from the start: no files stand for it)
+        return other
+
     @property
     def in_memory(self) -> bool:
         """Whether the weights are loaded (and may since have been changed in memory)."""
