@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from edgekit.errors import UserError
-from edgekit.model.sizes import config_dtype
+from edgekit.export.quantizations import PYTHON_GGUF_TYPES
+from edgekit.model.families import text_config
+from edgekit.model.sizes import config_dtype, model_sizes
 from edgekit.units import human_bytes
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,9 +53,6 @@ def traced_in_half(config, scheme: str) -> bool:
 
 def export_memory_need(config, formats: Sequence[str], scheme: str) -> tuple[int, str]:
     """The peak memory an export of `config`'s model needs, and what holds it."""
-    from edgekit.model.families import text_config
-    from edgekit.model.sizes import model_sizes
-
     text = text_config(config)
     needs = [(0, "")]
     if "gguf" in formats:
@@ -83,9 +82,6 @@ def check_export_memory(config, formats: Sequence[str], scheme: str) -> None:
 
 def runtime_set_bytes(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> dict[str, int]:
     """Estimated bytes of each runtime set the export would write (see artifacts.RuntimeSet)."""
-    from edgekit.model.families import text_config
-    from edgekit.model.sizes import model_sizes
-
     sizes = model_sizes(config, exit_layer=exit_layer, dtype=torch.float32)
     tower, projector, language, _ = (part.params for part in sizes.parts)
     vision_params = tower - sizes.saved_params + projector
@@ -128,9 +124,6 @@ def export_disk_need(config, exit_layer: int, profile, formats: Sequence[str], s
     """Bytes an export writes at its fullest: the artifacts (the ONNX folder with onnxruntime-genai's copy of the
     embedding, the GGUF files) plus the larger intermediate (the float32 graphs a quantizer reads; the GGUF in the
     checkpoint's precision that llama.cpp quantizes), each removed once used."""
-    from edgekit.export.quantizations import PYTHON_GGUF_TYPES
-    from edgekit.model.families import text_config
-    from edgekit.model.sizes import model_sizes
 
     sets = runtime_set_bytes(config, exit_layer, profile, formats, scheme)
     text = text_config(config)
