@@ -41,13 +41,7 @@ import torch
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
-from edgekit.export.estimates import (
-    HALF_DTYPES,
-    HALF_SCHEMES,
-    check_export_disk,
-    check_export_fits,
-    check_export_memory,
-)
+from edgekit.export.estimates import check_export, traced_in_half
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
@@ -132,8 +126,7 @@ def check_request(
             f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, not {scheme}"
         )
     if config is not None:
-        check_export_fits(config, exit_layer, profile, formats, scheme)
-        check_export_memory(config, formats, scheme)
+        check_export(config, exit_layer, profile, formats, scheme)
     return scheme
 
 
@@ -158,7 +151,7 @@ def export_artifacts(
     num_layers = family.num_layers(config)
     scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
     check_output_dir(out_dir, overwrite)
-    check_export_disk(config, exit_layer, profile, formats, scheme, out_dir)
+    check_export(config, exit_layer, profile, formats, scheme, out_dir)
     entries: list[FileEntry] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -247,7 +240,7 @@ def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_i
     from edgekit.export.onnx_quantize import quantize, record_traced_fp16
 
     model = loaded.model
-    if scheme in HALF_SCHEMES and model.dtype in HALF_DTYPES:  # traced in float16: no float32 copy
+    if traced_in_half(model.dtype, scheme):  # no float32 copy
         traced = out if scheme == "fp16" else work / "onnx-fp16"
         export_onnx(model.to(torch.float16), loaded.processor, loaded.family, k, traced, opset=profile.onnx_opset)
         record_traced_fp16(traced)

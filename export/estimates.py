@@ -16,7 +16,9 @@ is clearly over the budget is refused, and the export's own check of the written
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,49 +48,30 @@ ONNX_BYTES_PER_PARAM = {
 GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q4_k_m": 0.625, "q4_0": 0.5625}
 
 
-def traced_in_half(config, scheme: str) -> bool:
-    """Whether the export traces the model in float16 as it is (else: in float32)."""
-    return scheme in HALF_SCHEMES and config_dtype(config) in HALF_DTYPES
+def traced_in_half(dtype: torch.dtype, scheme: str) -> bool:
+    """Whether the export traces a model held in `dtype` in float16 as it is (else: in float32)."""
+    return scheme in HALF_SCHEMES and dtype in HALF_DTYPES
 
 
-def export_memory_need(config, formats: Sequence[str], scheme: str) -> tuple[int, str]:
-    """The peak memory an export of `config`'s model needs, and what holds it."""
-    text = text_config(config)
-    needs = [(0, "")]
-    if "gguf" in formats:
-        largest = text.vocab_size * text.hidden_size * 4
-        needs.append((int(GGUF_PEAK_BASE + GGUF_PEAK_PER_LARGEST_FP32 * largest), "streams the language model"))
-    if "onnx" in formats or "mmproj" in formats:
-        if traced_in_half(config, scheme):
-            held = model_sizes(config, dtype=torch.float16).parts[-1].bytes
-            needs.append((int(ONNX_PEAK_PER_HALF_BYTE * held), "holds the model in float16"))
-        else:
-            held = model_sizes(config, dtype=torch.float32).parts[-1].bytes
-            needs.append((int(ONNX_PEAK_PER_FP32_BYTE * held), "holds the model in float32 (the quantizers read it)"))
-    return max(needs)
+@dataclass(frozen=True)
+class ExportNeeds:
+    sets: dict[str, int]  # estimated bytes of each runtime set the export would write (see artifacts.RuntimeSet)
+    memory: int  # peak memory
+    memory_why: str  # what holds it
+    disk: int  # bytes written at the export's fullest
 
 
-def check_export_memory(config, formats: Sequence[str], scheme: str) -> None:
-    available = available_memory()
-    if available is None:
-        return
-    need, why = export_memory_need(config, formats, scheme)
-    if need > available:
-        raise UserError(
-            f"exporting {','.join(formats)} {why} and needs about {human_bytes(need)} of memory at peak; this "
-            f"machine has {human_bytes(available)} available"
-        )
-
-
-def runtime_set_bytes(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> dict[str, int]:
-    """Estimated bytes of each runtime set the export would write (see artifacts.RuntimeSet)."""
+def export_needs(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> ExportNeeds:
+    """What an export of `config`'s model at `exit_layer` will need, from one count of its parameters."""
     sizes = model_sizes(config, exit_layer=exit_layer, dtype=torch.float32)
-    tower, projector, language, _ = (part.params for part in sizes.parts)
-    vision_params = tower - sizes.saved_params + projector
+    tower, projector, language, total = (part.params for part in sizes.parts)
     text = text_config(config)
     embed = text.vocab_size * text.hidden_size
+    half = traced_in_half(config_dtype(config), scheme)
+
+    vision_params = tower - sizes.saved_params + projector
     per_vision, per_embed, per_decoder = ONNX_BYTES_PER_PARAM[scheme]
-    if traced_in_half(config, scheme):  # the graphs the scheme leaves alone stay as traced
+    if half:  # the graphs the scheme leaves alone stay as traced
         per_vision, per_embed = min(per_vision, 2), min(per_embed, 2)
     vision = vision_params * per_vision
     lm = language * GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
@@ -100,56 +83,66 @@ def runtime_set_bytes(config, exit_layer: int, profile, formats: Sequence[str], 
         sets["gguf"] = lm + mmproj
         if "onnx" in formats:
             sets["hybrid"] = vision + lm
-    return {name: int(n) for name, n in sets.items()}
+
+    memory = [(0, "")]
+    if "gguf" in formats:
+        memory.append((int(GGUF_PEAK_BASE + GGUF_PEAK_PER_LARGEST_FP32 * embed * 4), "streams the language model"))
+    if "onnx" in formats or "mmproj" in formats:
+        if half:
+            memory.append((int(ONNX_PEAK_PER_HALF_BYTE * 2 * total), "holds the model in float16"))
+        else:
+            memory.append(
+                (int(ONNX_PEAK_PER_FP32_BYTE * 4 * total), "holds the model in float32 (the quantizers read it)")
+            )
+
+    # The artifacts (the ONNX folder with onnxruntime-genai's copy of the embedding, the GGUF files) plus the larger
+    # intermediate (the traced graphs a quantizer reads; the GGUF in the checkpoint's precision that llama.cpp
+    # quantizes), each removed once used.
+    artifacts = (
+        sets.get("onnx", 0) + embed * per_embed + sets.get("gguf", 0) if "onnx" in formats else sets.get("gguf", 0)
+    )
+    traced = 0 if scheme == "fp32" or (half and scheme == "fp16") else (2 if half else 4) * total
+    onnx_work = traced if "onnx" in formats else 0
+    gguf_work = 0
+    if "gguf" in formats and profile.gguf_quantization not in PYTHON_GGUF_TYPES:
+        gguf_work = total * torch.empty((), dtype=config_dtype(config)).element_size()
+    need, why = max(memory)
+    return ExportNeeds({k: int(v) for k, v in sets.items()}, need, why, int(artifacts + max(onnx_work, gguf_work)))
 
 
-def check_export_fits(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> None:
-    sets = runtime_set_bytes(config, exit_layer, profile, formats, scheme)
-    name, size = max(sets.items(), key=lambda item: item[1])
-    if size > ESTIMATE_MARGIN * profile.memory_budget_bytes:
-        gguf = sets.get("gguf", profile.memory_budget_bytes + 1)
+def check_export(config, exit_layer: int, profile, formats: Sequence[str], scheme: str, out_dir=None) -> None:
+    """Refuse, in one line, an export whose artifacts are clearly over the target's budget, or that this machine
+    cannot hold in memory or (with `out_dir`) on disk."""
+    needs = export_needs(config, exit_layer, profile, formats, scheme)
+    name, size = max(needs.sets.items(), key=lambda item: item[1])
+    budget = profile.memory_budget_bytes
+    if size > ESTIMATE_MARGIN * budget:
+        gguf = needs.sets.get("gguf", budget + 1)
         hint = (
             f"; --formats gguf would fit (about {human_bytes(gguf, 'decimal')})"
-            if name != "gguf" and gguf <= profile.memory_budget_bytes
+            if name != "gguf" and gguf <= budget
             else ""
         )
         raise UserError(
             f"artifacts would not fit target {profile.name}: the {name} set needs about {human_bytes(size, 'decimal')}"
             f" ({scheme if name == 'onnx' else profile.gguf_quantization}) but the memory budget is "
-            f"{human_bytes(profile.memory_budget_bytes, 'decimal')}{hint}"
+            f"{human_bytes(budget, 'decimal')}{hint}"
         )
-
-
-def export_disk_need(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> int:
-    """Bytes an export writes at its fullest: the artifacts (the ONNX folder with onnxruntime-genai's copy of the
-    embedding, the GGUF files) plus the larger intermediate (the float32 graphs a quantizer reads; the GGUF in the
-    checkpoint's precision that llama.cpp quantizes), each removed once used."""
-
-    sets = runtime_set_bytes(config, exit_layer, profile, formats, scheme)
-    text = text_config(config)
-    half = traced_in_half(config, scheme)
-    embed = text.vocab_size * text.hidden_size * (2 if half else ONNX_BYTES_PER_PARAM[scheme][1])
-    lm = sets.get("gguf", 0)
-    artifacts = sets.get("onnx", 0) + embed + lm if "onnx" in formats else lm
-    params = model_sizes(config, exit_layer=exit_layer, dtype=torch.float32).parts[-1].params
-    traced = 0 if scheme == "fp32" or (half and scheme == "fp16") else (2 if half else 4) * params
-    onnx_work = traced if "onnx" in formats else 0
-    gguf_work = 0
-    if "gguf" in formats and profile.gguf_quantization not in PYTHON_GGUF_TYPES:
-        gguf_work = params * torch.empty((), dtype=config_dtype(config)).element_size()
-    return int(artifacts + max(onnx_work, gguf_work))
-
-
-def check_export_disk(config, exit_layer: int, profile, formats: Sequence[str], scheme: str, out_dir) -> None:
-    import shutil
-
+    available = available_memory()
+    if available is not None and needs.memory > available:
+        raise UserError(
+            f"exporting {','.join(formats)} {needs.memory_why} and needs about {human_bytes(needs.memory)} of memory "
+            f"at peak; this machine has {human_bytes(available)} available"
+        )
+    if out_dir is None:
+        return
     folder = Path(out_dir).absolute()
     while not folder.exists():
         folder = folder.parent
-    need, free = export_disk_need(config, exit_layer, profile, formats, scheme), shutil.disk_usage(folder).free
-    if need > free:
+    free = shutil.disk_usage(folder).free
+    if needs.disk > free:
         raise UserError(
-            f"exporting to {out_dir} writes about {human_bytes(need)} at its fullest; {folder} has "
+            f"exporting to {out_dir} writes about {human_bytes(needs.disk)} at its fullest; {folder} has "
             f"{human_bytes(free)} free"
         )
 

@@ -134,7 +134,7 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tiny_checkpoints
     with pytest.raises(UserError, match=r"writes about .* at its fullest; .* has 1000 B free"):
         export_artifacts(loaded, 3, full_precision_profile(gguf="q4_0"), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not loaded.in_memory
-    assert estimates.export_disk_need(loaded.config, 3, full_precision_profile(gguf="q4_0"), ("gguf",), "fp32") > 0
+    assert estimates.export_needs(loaded.config, 3, full_precision_profile(gguf="q4_0"), ("gguf",), "fp32").disk > 0
 
 
 def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_checkpoints, tmp_path):
