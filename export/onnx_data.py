@@ -65,7 +65,7 @@ def attach_weights(graph: Path, module: torch.nn.Module) -> None:
     with InitializerWriter(model, graph, external) as writer:
         for name, (tensor, transposed) in stored.items():
             array = tensor.detach().cpu().numpy()
-            writer.add(name, np.ascontiguousarray(array.T if transposed else array))
+            writer.add(name, array.T if transposed else array)
     onnx.save(model, str(graph))
 
 

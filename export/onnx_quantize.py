@@ -33,6 +33,7 @@ from pathlib import Path
 
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
@@ -177,7 +178,7 @@ def _int4(src: Path, dst: Path) -> dict:
     rewritten = {id(n) for n in matmuls}
     still_used = {name for n in graph.node if id(n) not in rewritten for name in n.input}
     del graph.initializer[:]
-    with InitializerWriter(model, dst, has_external_data(src)) as writer:
+    with InitializerWriter(model, dst, any(uses_external_data(t) for t in originals)) as writer:
         for tensor in originals:
             array = numpy_helper.to_array(tensor, base_dir=str(src.parent))
             if tensor.name in quantized:
