@@ -325,10 +325,17 @@ def bench_row(kind: str, measured: dict, prompts: int) -> dict:
 
 
 def bench_in_subprocess(
-    kind: str, folder: str | Path, *, prompts: int = 5, max_new_tokens: int = 24, exit_layer: int | None = None
+    kind: str,
+    folder: str | Path,
+    *,
+    prompts: int = 5,
+    max_new_tokens: int = 24,
+    exit_layer: int | None = None,
+    dtype: str = "float32",
 ) -> dict:
-    """Runtime `kind` over an export folder (pytorch: a checkpoint at `exit_layer`), in a fresh process, on the
-    first `prompts` utility items of the built-in suite's eval split. Raises RuntimeError when it cannot run."""
+    """Runtime `kind` over an export folder (pytorch: a checkpoint at `exit_layer`, loaded in `dtype`), in a fresh
+    process, on the first `prompts` utility items of the built-in suite's eval split. Raises RuntimeError when it
+    cannot run."""
     from edgekit.devices.runtime import export_files
     from edgekit.errors import UserError
     from edgekit.safety.suite import builtin_suite
@@ -342,7 +349,7 @@ def bench_in_subprocess(
         images = [Path(work) / f"prompt-{i}.png" for i in range(len(items))]
         for item, path in zip(items, images):
             item.image().save(path)
-        options = {"exit_layer": exit_layer} if kind == "pytorch" else {}
+        options = {"exit_layer": exit_layer, "dtype": dtype} if kind == "pytorch" else {}
         texts = [{"image": str(p), "text": item.prompt} for item, p in zip(items, images)]
         spec = decode_spec(kind, files, texts, max_new_tokens, options)
         measured = lockstep(Path(work), {kind: spec}, rounds=len(items))[kind]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.devices.runtime import Prompt, Runtime, phases, until_eos
-from edgekit.export.onnx_format import DESCRIPTION_FILE, GENAI_CONFIG_FILE, Names
+from edgekit.export.onnx_format import DESCRIPTION_FILE, GENAI_CONFIG_FILE, Names, float16_graphs
 
 
 class OrtGenaiRuntime(Runtime):
@@ -33,8 +33,13 @@ class OrtGenaiRuntime(Runtime):
         self.image_token_id, self.eos = desc["image_token_id"], list(desc["eos_token_ids"])
         config = og.Config(str(folder))
         config.clear_providers()  # CPU
-        if n_threads:  # the vision and embedding sessions take the decoder's options
-            options = {"intra_op_num_threads": n_threads, "inter_op_num_threads": 1}
+        options = {}  # the vision and embedding sessions take the decoder's
+        if n_threads:
+            options |= {"intra_op_num_threads": n_threads, "inter_op_num_threads": 1}
+        if float16_graphs(desc):
+            # float16 weights cast per use, not folded into a float32 copy (edgekit.devices.onnx_runtime)
+            options |= {"graph_optimization_level": "ORT_DISABLE_ALL", "enable_cpu_mem_arena": False}
+        if options:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.og, self.model = og, og.Model(config)
 

@@ -8,6 +8,13 @@ Host-side work between the graphs, by family (recorded in `edgekit_onnx.json` un
   data-dependent shapes per image size inside the graph; a dozen lines of numpy is the cleaner split.)
 - Llama 3.2 Vision: the vision graph's output is the cross-attention states, fed to the decoder at every step with
   the processor's `cross_attention_mask` rows for the tokens being processed (a decoded token repeats the last row).
+
+Float16 graphs on the CPU provider: x86 CPUs have no float16 kernels, so onnxruntime inserts a Cast to float32 before
+each node, and its default optimizations fold those casts at load: a float32 copy of every weight, twice the graph's
+size (a 7B fp16 decoder needs about 27 GB). For a folder with float16 graphs, `cpu_float16_options` keeps the
+weights in float16 (memory-mapped from the external data) and casts each one when its node runs, in priority order
+without an arena, so memory stays near the graphs' size, at some cost in speed (measured in README: Real sizes).
+Providers that run float16 natively (CUDA, TensorRT) are unaffected.
 """
 
 from __future__ import annotations
@@ -22,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, EMBED_FILE, VISION_FILE, Names
+from edgekit.export.onnx_format import (
+    DECODER_FILE,
+    DESCRIPTION_FILE,
+    EMBED_FILE,
+    VISION_FILE,
+    Names,
+    float16_graphs,
+)
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -86,6 +100,24 @@ def pack_anyres(tiles: np.ndarray, image_size: Sequence[int], anyres: Mapping, n
     return np.concatenate([tiles[0], grid])
 
 
+def default_session_options():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: fp16 graphs on CPU log a warning per node they upcast
+    return opts
+
+
+def cpu_float16_options(opts):
+    """`opts` set to cast float16 weights per use on the CPU provider instead of holding a float32 copy (above)."""
+    import onnxruntime as ort
+
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # constant folding makes the copy
+    opts.enable_cpu_mem_arena = False  # an arena would keep the largest casts' memory after they are freed
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # casts run next to their consumers, not all first
+    return opts
+
+
 class OnnxVLM:
     """The three graphs of an exported folder and a greedy generate loop with its own KV cache."""
 
@@ -93,6 +125,8 @@ class OnnxVLM:
         self.folder = Path(folder)
         self.config: dict[str, Any] = json.loads((self.folder / DESCRIPTION_FILE).read_text())
         self.providers = list(providers)
+        if float16_graphs(self.config) and self.providers == ["CPUExecutionProvider"]:  # one setting per folder
+            session_options = cpu_float16_options(session_options or default_session_options())
         self.session_options = session_options
         self.cross = "cross_attention" in self.config
         self.anyres = self.config.get("anyres")
@@ -119,10 +153,7 @@ class OnnxVLM:
     def _session(self, name: str):
         import onnxruntime as ort
 
-        opts = self.session_options
-        if opts is None:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3  # errors only: fp16 graphs on CPU log a warning per node they upcast
+        opts = self.session_options or default_session_options()
         return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=self.providers)
 
     # --- images ------------------------------------------------------------------------------------------------

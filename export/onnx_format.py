@@ -14,6 +14,12 @@ GENAI_CONFIG_FILE = "genai_config.json"
 GENAI_EMBED_FILE = "genai_embedding.onnx"
 
 
+def float16_graphs(description: dict) -> set[str]:
+    """The graph files whose weights are float16, by the description's `quantization` record."""
+    graphs = description.get("quantization", {}).get("graphs", {})
+    return {name for name, method in graphs.items() if method.get("weights") == "float16"}
+
+
 class Names:
     """Input and output names of the graphs (the onnx-community names where one exists)."""
 

@@ -231,14 +231,19 @@ def _fp16(src: Path, dst: Path) -> dict:
         model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=block, disable_shape_infer=external)
     save_graph(model, dst, external)
-    return {"method": "convert_float_to_float16", "keep_io_types": True, "kept_fp32": list(FP16_KEEP_FP32)}
+    return {
+        "method": "convert_float_to_float16",
+        "weights": "float16",
+        "keep_io_types": True,
+        "kept_fp32": list(FP16_KEEP_FP32),
+    }
 
 
 def record_traced_fp16(folder: Path) -> None:
     """Describe a folder whose graphs were traced in float16 (a half-precision model) as the fp16 scheme's."""
     path = folder / DESCRIPTION_FILE
     desc = json.loads(path.read_text())
-    method = {"method": "traced in float16 (the model's own precision)", "keep_io_types": True}
+    method = {"method": "traced in float16 (the model's own precision)", "weights": "float16", "keep_io_types": True}
     desc["quantization"] = {"scheme": "fp16", "graphs": dict.fromkeys(GRAPH_FILES, method)}
     path.write_text(json.dumps(desc, indent=2))
 

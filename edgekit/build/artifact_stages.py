@@ -122,7 +122,12 @@ def write_bench(folder: Path, out: Path, cfg: BuildConfig) -> None:
         where = out / (Stage.TRUNCATE if name == PYTORCH else Stage.EXPORT)
         try:
             rows[name] = bench_in_subprocess(
-                name, where, prompts=cfg.bench_prompts, max_new_tokens=cfg.max_new_tokens, exit_layer=cfg.exit_layer
+                name,
+                where,
+                prompts=cfg.bench_prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                exit_layer=cfg.exit_layer,
+                dtype=cfg.dtype,  # the precision the gate ran the checkpoint in
             )
         except RuntimeError as err:  # a benchmark is a measurement, not a gate: record it and go on
             rows[name] = {"runtime": name, "error": str(err)}
