@@ -2,7 +2,8 @@
 
 A profile names its kind (`jetson` or `phone`), the memory budget the artifacts a device loads must fit in, the ONNX
 opset, the artifact formats it ships by default, the quantization of each format (names the exporters define, in
-`edgekit.export.quantizations`), and the safety gate's limits (`edgekit.safety.limits`). `load_profile` takes a
+`edgekit.export.quantizations`; the ONNX schemes in order of preference: a model whose default set would be over the
+budget gets the next that fits), and the safety gate's limits (`edgekit.safety.limits`). `load_profile` takes a
 profile name, a kind (its default profile), or a path to a TOML file of the same shape.
 """
 
@@ -34,7 +35,7 @@ class TargetProfile:
     onnx_opset: int
     formats: tuple[str, ...]
     onnx_quantization: str  # default ONNX scheme
-    onnx_options: tuple[str, ...]  # schemes this target accepts (the default among them)
+    onnx_options: tuple[str, ...]  # schemes it accepts, in order from the default: over budget, the next that fits
     gguf_quantization: str  # language model
     mmproj_quantization: str  # vision tower + projector for llama.cpp
     gates: Limits  # ASR versus the original at its default layer; over-refusal and utility versus the model at K

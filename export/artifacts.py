@@ -41,7 +41,7 @@ import torch
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
-from edgekit.export.estimates import check_export, traced_in_half
+from edgekit.export.estimates import check_export, fitted_scheme, traced_in_half
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
@@ -103,9 +103,11 @@ def check_request(
     formats: Sequence[str],
     onnx_quantization: str | None = None,
     config=None,
-) -> str:
-    """Everything about an export request that can be checked before loading weights (with `config`, the memory
-    it needs too); returns the ONNX scheme."""
+    out_dir=None,
+) -> tuple[str, str]:
+    """Everything about an export request that can be checked before loading weights; with `config`, the budget,
+    memory and (with `out_dir`) disk it needs too. Returns the ONNX scheme (`onnx_quantization`, or the target's
+    default fitted to its budget: `estimates.fitted_scheme`) and a line saying why, when the default was changed."""
     check_exit_layer(exit_layer, num_layers)
     takes = (*profile.formats, "mmproj") if "gguf" in profile.formats else profile.formats
     for fmt in formats:
@@ -125,9 +127,12 @@ def check_request(
         raise UserError(
             f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, not {scheme}"
         )
+    fitted = ""
     if config is not None:
-        check_export(config, exit_layer, profile, formats, scheme)
-    return scheme
+        if onnx_quantization is None:
+            scheme, fitted = fitted_scheme(config, exit_layer, profile, formats)
+        check_export(config, exit_layer, profile, formats, scheme, out_dir)
+    return scheme, fitted
 
 
 def export_artifacts(
@@ -145,13 +150,13 @@ def export_artifacts(
     """Cut `loaded` (a LoadedModel) at `exit_layer` and write the target's artifacts to `out_dir` atomically. The
     GGUF is written first, streamed from the checkpoint's files when the weights are not yet in memory; the ONNX
     export loads them and leaves the model cut (`set_exit_layer`). `onnx_quantization` picks one of the profile's
-    `onnx_options` (default: the profile's); `calibration_inputs` (processor outputs) calibrate int8_qdq."""
+    `onnx_options` (default: the profile's, or the next that fits its budget); `calibration_inputs` (processor
+    outputs) calibrate int8_qdq."""
     family, config = loaded.family, loaded.config
     formats = parse_formats(formats or profile.formats)
     num_layers = family.num_layers(config)
-    scheme = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization)
     check_output_dir(out_dir, overwrite)
-    check_export(config, exit_layer, profile, formats, scheme, out_dir)
+    scheme, fitted = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization, config, out_dir)
     entries: list[FileEntry] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -196,6 +201,7 @@ def export_artifacts(
                 "onnx": scheme if onnx_dir else None,
                 "gguf": profile.gguf_quantization if lm_name else None,
                 "mmproj": profile.mmproj_quantization if mmproj_name else None,
+                "fitted_to_budget": fitted or None,
             },
             "artifacts": {
                 "onnx_dir": onnx_dir,

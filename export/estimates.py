@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from edgekit.devices.profiles import list_profiles
 from edgekit.errors import UserError
-from edgekit.export.quantizations import PYTHON_GGUF_TYPES
+from edgekit.export.quantizations import INT4_BLOCK_SIZE, PYTHON_GGUF_TYPES
 from edgekit.model.families import text_config
 from edgekit.model.sizes import config_dtype, model_sizes
 from edgekit.units import human_bytes
@@ -37,13 +38,14 @@ ONNX_PEAK_PER_HALF_BYTE = 1.15
 ONNX_PEAK_PER_FP32_BYTE = 2.0
 ESTIMATE_MARGIN = 1.1  # refuse up front only when the estimate is this far over the budget
 
-# bytes per parameter: ONNX scheme -> (vision graph, embedding, decoder); GGUF type -> language model
+# bytes per parameter: ONNX scheme -> (vision graph, embedding, decoder); GGUF type -> language model. int4's decoder:
+# half a byte per weight plus a scale per block, in the precision the graph was traced in (see export_needs)
 ONNX_BYTES_PER_PARAM = {
     "fp32": (4, 4, 4),
     "fp16": (2, 2, 2),
     "int8_dynamic": (1, 1, 1),
     "int8_qdq": (1, 4, 1),
-    "int4": (4, 4, 0.625),
+    "int4": (4, 4, 0.5 + 4 / INT4_BLOCK_SIZE),
 }
 GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q4_k_m": 0.625, "q4_0": 0.5625}
 
@@ -71,8 +73,10 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
 
     vision_params = tower - sizes.saved_params + projector
     per_vision, per_embed, per_decoder = ONNX_BYTES_PER_PARAM[scheme]
-    if half:  # the graphs the scheme leaves alone stay as traced
+    if half:  # the graphs the scheme leaves alone stay as traced, and int4's scales are float16
         per_vision, per_embed = min(per_vision, 2), min(per_embed, 2)
+        if scheme == "int4":
+            per_decoder = 0.5 + 2 / INT4_BLOCK_SIZE
     vision = vision_params * per_vision
     lm = language * GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
     sets = {}
@@ -88,7 +92,7 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
     if "gguf" in formats:
         memory.append((int(GGUF_PEAK_BASE + GGUF_PEAK_PER_LARGEST_FP32 * embed * 4), "streams the language model"))
     if "onnx" in formats or "mmproj" in formats:
-        if half:
+        if half or ("onnx" not in formats and config_dtype(config) in HALF_DTYPES):  # the mmproj reads it as saved
             memory.append((int(ONNX_PEAK_PER_HALF_BYTE * 2 * total), "holds the model in float16"))
         else:
             memory.append(
@@ -110,6 +114,26 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
     return ExportNeeds({k: int(v) for k, v in sets.items()}, need, why, int(artifacts + max(onnx_work, gguf_work)))
 
 
+def fitted_scheme(config, exit_layer: int, profile, formats: Sequence[str]) -> tuple[str, str]:
+    """The ONNX scheme a target gets when none is asked for: its default, or where the default's artifacts would be
+    over the budget, the first of its `onnx_options` after the default (most precise first) whose would fit; and a
+    line saying so ('' when the default fits, or when no option does and `check_export` will refuse it)."""
+    default = profile.onnx_quantization
+    if "onnx" not in formats:
+        return default, ""
+    budget = profile.memory_budget_bytes
+    options = profile.onnx_options[profile.onnx_options.index(default) :]
+    sizes = {s: max(export_needs(config, exit_layer, profile, formats, s).sets.values()) for s in options}
+    scheme = next((s for s in options if sizes[s] <= budget), default)
+    if scheme == default:
+        return default, ""
+    return scheme, (
+        f"target {profile.name}: with {default} ONNX the largest runtime set would need about "
+        f"{human_bytes(sizes[default], 'decimal')}, over the {human_bytes(budget, 'decimal')} budget; exporting "
+        f"{scheme} (largest set about {human_bytes(sizes[scheme], 'decimal')})"
+    )
+
+
 def check_export(config, exit_layer: int, profile, formats: Sequence[str], scheme: str, out_dir=None) -> None:
     """Refuse, in one line, an export whose artifacts are clearly over the target's budget, or that this machine
     cannot hold in memory or (with `out_dir`) on disk."""
@@ -118,15 +142,13 @@ def check_export(config, exit_layer: int, profile, formats: Sequence[str], schem
     budget = profile.memory_budget_bytes
     if size > ESTIMATE_MARGIN * budget:
         gguf = needs.sets.get("gguf", budget + 1)
-        hint = (
-            f"; --formats gguf would fit (about {human_bytes(gguf, 'decimal')})"
-            if name != "gguf" and gguf <= budget
-            else ""
-        )
+        fits = name != "gguf" and gguf <= budget
+        hint = f"; --formats gguf would fit (about {human_bytes(gguf, 'decimal')})" if fits else ""
+        roomier = _roomier_target(config, exit_layer, profile, formats)
         raise UserError(
             f"artifacts would not fit target {profile.name}: the {name} set needs about {human_bytes(size, 'decimal')}"
             f" ({scheme if name == 'onnx' else profile.gguf_quantization}) but the memory budget is "
-            f"{human_bytes(budget, 'decimal')}{hint}"
+            f"{human_bytes(budget, 'decimal')}{hint}{roomier}"
         )
     available = available_memory()
     if available is not None and needs.memory > available:
@@ -145,6 +167,21 @@ def check_export(config, exit_layer: int, profile, formats: Sequence[str], schem
             f"exporting to {out_dir} writes about {human_bytes(needs.disk)} at its fullest; {folder} has "
             f"{human_bytes(free)} free"
         )
+
+
+def _roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) -> str:
+    """'; target NAME would fit (...)' for the first built-in target of the same kind with a larger budget that fits
+    these formats with its own scheme, or ''."""
+    budget = profile.memory_budget_bytes
+    roomier = [p for p in list_profiles() if p.kind == profile.kind and p.memory_budget_bytes > budget]
+    for other in sorted(roomier, key=lambda p: p.memory_budget_bytes):
+        if not set(formats) <= set(other.formats) | {"mmproj"}:
+            continue
+        scheme, _ = fitted_scheme(config, exit_layer, other, formats)
+        size = max(export_needs(config, exit_layer, other, formats, scheme).sets.values())
+        if size <= other.memory_budget_bytes:
+            return f"; target {other.name} would fit ({scheme}, about {human_bytes(size, 'decimal')})"
+    return ""
 
 
 def available_memory() -> int | None:

@@ -47,9 +47,8 @@ from edgekit.export.onnx_format import (
     NEWLINE_FILE,
     VISION_FILE,
 )
-from edgekit.export.quantizations import ONNX_SCHEMES
+from edgekit.export.quantizations import INT4_BLOCK_SIZE, ONNX_SCHEMES
 
-INT4_BLOCK_SIZE = 32
 CALIBRATION_DECODE_STEPS = 4
 # Kept in fp32 by the fp16 conversion (on top of onnxruntime's default block list).
 FP16_KEEP_FP32 = (

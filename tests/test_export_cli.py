@@ -202,8 +202,8 @@ def _no_output(out: Path) -> None:
         ("mllama", ["--target", "jetson"], ["llama.cpp has no Llama 3.2 Vision support; use --formats onnx"]),
         (
             "llava",
-            ["--target", "jetson", "--onnx-quantization", "int4"],
-            ["jetson-orin-nano", "fp16, int8_qdq", "not int4"],
+            ["--target", "phone", "--onnx-quantization", "int8_qdq"],
+            ["android-arm64", "int8_dynamic, int4", "not int8_qdq"],
         ),
     ],
 )
@@ -281,7 +281,7 @@ def test_export_over_budget_writes_nothing(capsys, tiny_checkpoints, tmp_path):
 def test_target_profile_is_checked():
     base = load_profile("jetson")
     with pytest.raises(UserError, match="not among its onnx_options"):
-        dataclasses.replace(base, onnx_quantization="int4")
+        dataclasses.replace(base, onnx_quantization="int8_dynamic")
     with pytest.raises(UserError, match="GGUF quantization 'q3'"):
         TargetProfile(**{**dataclasses.asdict(base), "gates": base.gates, "gguf_quantization": "q3"})
 

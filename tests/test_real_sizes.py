@@ -96,3 +96,27 @@ def test_artifacts_too_big_for_the_target_are_refused_from_the_config(tmp_path, 
     assert code == 2 and len(err) == 1 and not out.exists(), err
     assert "the onnx set needs about 6.91 GB (int8_dynamic)" in err[0] and "budget is 4.00 GB" in err[0], err
     assert "--formats gguf would fit (about 3.79 GB)" in err[0], err
+    assert "target android-arm64-12gb would fit (int4, about 4.33 GB)" in err[0], err
+
+
+def test_a_target_takes_the_next_onnx_scheme_that_fits_its_budget():
+    """LLaVA-1.5-7B for the Jetson Orin Nano (5 GB): its fp16 (13.8 GB) and int8 (7.3 GB) ONNX sets are over the
+    budget, so the target's default becomes int4 (4-bit weights with a float16 scale per 32: 4.33 GB, and 4.56 GB
+    for the hybrid's fp16 vision graph + the Q4_K_M GGUF), and the line says why; fp16 asked for by name is refused
+    instead. The 4-layer model's fp16 set fits and stays fp16."""
+    from edgekit.devices.profiles import load_profile
+    from edgekit.errors import UserError
+    from edgekit.export.estimates import check_export, fitted_scheme
+
+    config, _ = real_config("llava-1.5-7b")
+    nano, formats = load_profile("jetson"), ("onnx", "gguf")
+    scheme, why = fitted_scheme(config, 12, nano, formats)
+    assert scheme == "int4", why
+    assert why == (
+        "target jetson-orin-nano: with fp16 ONNX the largest runtime set would need about 13.82 GB, over the "
+        "5.00 GB budget; exporting int4 (largest set about 4.56 GB)"
+    )
+    check_export(config, 12, nano, formats, scheme)
+    with pytest.raises(UserError, match="the onnx set needs about 13.82 GB"):
+        check_export(config, 12, nano, formats, "fp16")
+    assert fitted_scheme(real_config("llava-1.5-7b", lm_layers=4)[0], 12, nano, formats) == ("fp16", "")

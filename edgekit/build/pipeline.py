@@ -50,13 +50,13 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     out = Path(cfg.output).resolve()
     profile = load_profile(cfg.target)
     make_judge(cfg.judge)  # an unknown judge is a user error before anything runs
-    num_layers, default_layer = check_request(cfg, profile)
+    num_layers, default_layer = check_request(cfg, profile, log)
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)
     (out / BUILD_MARK).write_text(json.dumps(cfg.as_json(), indent=2))
     source = cfg.model or str(demo_model_path(log=log))
     if num_layers is None:  # the demo model: known only once it exists
-        num_layers, default_layer = check_request(BuildConfig(**{**cfg.as_json(), "model": source}), profile)
+        num_layers, default_layer = check_request(BuildConfig(**{**cfg.as_json(), "model": source}), profile, log)
     layers = scan_layers(cfg, num_layers, default_layer)
     items = builtin_suite().select("eval", limit_per_kind=cfg.limit_per_kind)
     measure = {
@@ -143,9 +143,10 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     return BuildResult(out, tuple(stages.reused), verdicts)
 
 
-def check_request(cfg: BuildConfig, profile) -> tuple[int | None, int | None]:
-    """Everything cheap, before any weight is read or trained: the model's family and layers, the export request,
-    the align settings, the output folder. Returns (L, default layer), or (None, None) for the untrained demo."""
+def check_request(cfg: BuildConfig, profile, log: Callable[[str], None] = print) -> tuple[int | None, int | None]:
+    """Everything cheap, before any weight is read or trained: the model's family and layers, the export request
+    (logging the ONNX scheme where the target's default is changed to fit its budget), the align settings, the output
+    folder. Returns (L, default layer), or (None, None) for the untrained demo."""
     from edgekit.align.config import LPPOConfig, check_layers
     from edgekit.align.rewards import check_reward
     from edgekit.export.artifacts import check_request as check_export
@@ -169,7 +170,9 @@ def check_request(cfg: BuildConfig, profile) -> tuple[int | None, int | None]:
     family = family_for(config)
     num_layers = family.num_layers(config)
     formats = parse_formats(cfg.formats) if cfg.formats else profile.formats
-    check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization, config)
+    _, fitted = check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization, config)
+    if fitted:
+        log(fitted)
     check_layers(align, num_layers)
     return num_layers, family.default_exit(config)
 
