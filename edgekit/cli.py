@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=BUILD_DTYPES,
-        help="precision of scans and alignment (default float32; bfloat16 or float16 on a GPU); truncation and "
+        help="precision of scans and alignment (default float32; bfloat16 or float16 on a GPU; auto: the "
+        "checkpoint's own, so a half-precision model is not held in a second, converted copy); truncation and "
         "export keep the checkpoint's",
     )
     p.set_defaults(func=commands.cmd_build)

@@ -23,8 +23,8 @@ from typing import Any
 from edgekit.errors import UserError
 from edgekit.safety.limits import BUILD_GATE_KEYS
 
-METHODS = ("lppo", "sft", "none")
-BUILD_DTYPES = ("float32", "bfloat16", "float16")  # none: the build without alignment, to see what the gate catches
+METHODS = ("lppo", "sft", "none")  # none: the build without alignment, to see what the gate catches
+BUILD_DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: as saved, so a half checkpoint is not converted
 
 
 @dataclass(frozen=True)
