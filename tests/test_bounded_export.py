@@ -10,6 +10,7 @@ import shutil
 import gguf
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import full_precision_profile
@@ -85,7 +86,8 @@ def test_a_gguf_export_never_loads_the_model(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("family", FAMILY_TYPES)
 def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, tmp_path):
     """No float32 copy: the weights in the graphs are float16, inputs and outputs stay float32 (the contract of every
-    folder), the vision features match PyTorch's float32 ones, and the first logits match the float16 model's."""
+    folder), the vision features match PyTorch's float32 ones, and the first logits match the float16 model's, with
+    onnxruntime casting the weights per use on the CPU."""
     half = load(_resaved(tiny_checkpoints[family], tmp_path / "half", "float16"), lazy=True)
     export = export_artifacts(half, GEN_EXIT, full_precision_profile(onnx="fp16"), tmp_path / "out", formats=("onnx",))
     assert half.model.dtype == torch.float16
@@ -104,7 +106,9 @@ def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, t
     assert "traced in float16" in (folder / DESCRIPTION_FILE).read_text()
 
     full = load(tiny_checkpoints[family], dtype="float32")
-    vlm = OnnxVLM(folder)
+    vlm = OnnxVLM(folder)  # on the CPU: float16 weights cast per use, not folded into a float32 copy at load
+    assert vlm.session_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert not vlm.session_options.enable_cpu_mem_arena
     for i in range(3):
         inputs = build_inputs(half.processor, i)
         set_exit_layer(full.model, GEN_EXIT)
