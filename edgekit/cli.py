@@ -4,7 +4,9 @@ line on stderr, a failed safety gate exits 3."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from edgekit import commands
 from edgekit.align.config import LPPOConfig
@@ -347,7 +349,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary folders go, nothing half-written stays
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,17 @@ def test_console_script_exit_code(tiny_checkpoints, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "edgekit: error: exit layer 99 is outside 1..24 (the vision tower has 24 layers)"
+
+
+def test_a_terminated_export_leaves_nothing_half_written(tiny_checkpoints, tmp_path):
+    """SIGTERM (a job scheduler's timeout, `kill`) unwinds like Ctrl-C: the temporary folder is removed."""
+    out = tmp_path / "out"
+    argv = ["export", tiny_checkpoints["llava"], "--exit-layer", "3", "--target", "jetson", "-o", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", *argv], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.*")), "the export never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
