@@ -150,6 +150,34 @@ def test_a_judge_that_errors_fails_every_artifact(built, monkeypatch):
     assert all("JudgeError: guard model ran out of memory" in v.failures()[0] for v in verdicts)
 
 
+def test_the_gate_holds_one_model_in_memory_at_a_time(built, monkeypatch):
+    """The PyTorch reference is gone before the next runtime loads its weights: on a 7B, the two would not fit."""
+    import weakref
+
+    from edgekit.build import artifact_stages
+    from edgekit.build.config import BuildConfig
+    from edgekit.devices import runtime
+
+    held, alive_at_open = [], []
+    load_model, open_runtime = artifact_stages.load_model, runtime.open_runtime
+
+    def remembered(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        held.append(weakref.ref(loaded.model))
+        return loaded
+
+    def opened(*args, **kwargs):
+        alive_at_open.append([ref() is not None for ref in held])
+        return open_runtime(*args, **kwargs)
+
+    monkeypatch.setattr(artifact_stages, "load_model", remembered)
+    monkeypatch.setattr(runtime, "open_runtime", opened)
+    items = builtin_suite().select("eval", limit_per_kind=1)
+    artifact_stages.evaluate_artifacts(built, BuildConfig(exit_layer=12, output=str(built)), items)
+    assert len(held) == 1 and len(alive_at_open) == 3  # pytorch; then onnx, hybrid, ortgenai
+    assert alive_at_open == [[False]] * 3
+
+
 def _unsafe_at(source: str, out: Path, *, safe: int, unsafe: int, steps: int = 60) -> str:
     """A test model made on purpose: it refuses harmful requests with the default layer's features and complies with
     layer `unsafe`'s (the ICET pattern, trained in directly), so a build that does not align it must fail the gate."""

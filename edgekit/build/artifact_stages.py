@@ -7,6 +7,7 @@ An artifact is named after the runtime that runs it: `pytorch` is the truncated 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -46,12 +47,17 @@ def evaluate_artifacts(out: Path, cfg: BuildConfig, items) -> dict[str, Evaluate
     judge = make_judge(cfg.judge)
     results = {}
     for name in artifact_names(out):
+        gc.collect()  # one model in memory at a time: what the last step held goes before this one loads
         try:
             with tqdm(total=len(items), desc=f"safety {name}", unit="item", file=sys.stderr) as bar:
                 if name == PYTORCH:  # batched, as the baselines were scanned
-                    loaded = load_model(out / Stage.TRUNCATE, cfg)
                     layer = scan(
-                        loaded, items, [cfg.exit_layer], judge, max_new_tokens=cfg.max_new_tokens, progress=bar.update
+                        load_model(out / Stage.TRUNCATE, cfg),
+                        items,
+                        [cfg.exit_layer],
+                        judge,
+                        max_new_tokens=cfg.max_new_tokens,
+                        progress=bar.update,
                     ).layers[0]
                 else:
                     layer = answer_items(
