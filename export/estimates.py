@@ -5,13 +5,15 @@ one line in seconds, not an error after minutes of tracing a 7B model.
 Memory, measured on LLaVA-1.5-7B widths (README: Real sizes):
 - the language model GGUF streams from the checkpoint a tensor at a time: a constant (libraries, tokenizer) plus a
   few float32 copies of the largest tensor (the embedding);
-- ONNX holds the model once: in float16 when the checkpoint is half precision and the scheme is fp16 (traced as it
-  is), else in float32 (onnxruntime's quantizers and float16 conversion read float32 graphs) plus what the quantizer
-  loads of the float32 graph.
+- ONNX holds the model once: in float16 when the checkpoint is half precision and the scheme is fp16 or int4 (traced
+  as it is), else in float32 (onnxruntime's int8 quantizers and float16 conversion read float32 graphs) plus what the
+  quantizer loads of the float32 graph.
 
-Artifact bytes per parameter follow from each format's storage (int8: 1 byte; MatMulNBits 4-bit with a float scale
-per 32: 0.625; llama.cpp Q4_0 4.5 bits, Q4_K_M about 4.85, Q6_K 6.56, Q8_0 8.5); a request whose smallest runtime set
-is clearly over the budget is refused, and the export's own check of the written files stays the authority.
+Artifact bytes per parameter follow from each format's storage (int8: 1 byte; MatMulNBits 4-bit with a scale per 32
+in the traced precision: 0.5625 from float16, 0.625 from float32; llama.cpp Q4_0 4.5 bits, Q4_K_M about 4.85, Q6_K
+6.56, Q8_0 8.5). A target's default ONNX scheme gives way to the next of its options whose sets fit the budget
+(`fitted_scheme`); a request whose largest runtime set is still clearly over the budget is refused, and the export's
+own check of the written files stays the authority.
 """
 
 from __future__ import annotations
