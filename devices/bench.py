@@ -24,6 +24,7 @@ instead of spinning unless `spin`: on a shared machine a spinning pool stalls wh
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -105,7 +106,7 @@ class TimedDecode(_Runner):
         if threads and kind in ("gguf", "hybrid", "ortgenai"):
             options["n_threads"] = threads
         if threads and kind in ("onnx", "hybrid"):
-            options["session_options"] = ort_session_options(threads, spec.get("spin", False))
+            options["new_session_options"] = functools.partial(ort_session_options, threads, spec.get("spin", False))
         self.runtime = open_files(kind, spec["files"], **options)
         self.prompts = [Prompt(Image.open(p["image"]).convert("RGB"), p["text"]) for p in spec["prompts"]]
         self.steps, self.runs = spec["steps"], 0

@@ -151,11 +151,11 @@ class HybridVLM:
     """Vision graph in ONNX Runtime, language model in llama.cpp; `generate` takes processor-built inputs."""
 
     def __init__(
-        self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, session_options=None, **decoder_options
+        self, onnx_folder: str | os.PathLike, lm_gguf: str | os.PathLike, new_session_options=None, **decoder_options
     ):
         from edgekit.devices.onnx_runtime import OnnxVLM
 
-        self.vision = OnnxVLM(onnx_folder, session_options=session_options)
+        self.vision = OnnxVLM(onnx_folder, new_session_options=new_session_options)
         if self.vision.cross:
             raise ValueError("the hybrid runtime feeds image tokens; Llama 3.2 Vision's cross-attention has none")
         self.image_token_id = int(self.vision.config["image_token_id"])

@@ -11,8 +11,8 @@ Host-side work between the graphs, by family (recorded in `edgekit_onnx.json` un
 
 Float16 graphs on the CPU provider: x86 CPUs have no float16 kernels, so onnxruntime inserts a Cast to float32 before
 each node, and its default optimizations fold those casts at load: a float32 copy of every weight, twice the graph's
-size (a 7B fp16 decoder needs about 27 GB). For a folder with float16 graphs, `cpu_float16_options` keeps the
-weights in float16 (memory-mapped from the external data) and casts each one when its node runs, in priority order
+size (a 7B fp16 decoder needs about 27 GB). For each graph whose weights are float16, `cpu_float16_options` keeps
+them in float16 (memory-mapped from the external data) and casts each one when its node runs, in priority order
 without an arena, so memory stays near the graphs' size, at some cost in speed (measured in README: Real sizes).
 Providers that run float16 natively (CUDA, TensorRT) are unaffected.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -121,13 +121,19 @@ def cpu_float16_options(opts):
 class OnnxVLM:
     """The three graphs of an exported folder and a greedy generate loop with its own KV cache."""
 
-    def __init__(self, folder, providers: Sequence[str] = ("CPUExecutionProvider",), session_options=None):
+    def __init__(
+        self,
+        folder,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        new_session_options: Callable[[], Any] | None = None,
+    ):
+        """`new_session_options` returns fresh onnxruntime SessionOptions for each graph's session (default:
+        `default_session_options`)."""
         self.folder = Path(folder)
         self.config: dict[str, Any] = json.loads((self.folder / DESCRIPTION_FILE).read_text())
         self.providers = list(providers)
-        if float16_graphs(self.config) and self.providers == ["CPUExecutionProvider"]:  # one setting per folder
-            session_options = cpu_float16_options(session_options or default_session_options())
-        self.session_options = session_options
+        self.new_session_options = new_session_options or default_session_options
+        self.float16 = float16_graphs(self.config)
         self.cross = "cross_attention" in self.config
         self.anyres = self.config.get("anyres")
         self.newline = np.load(self.folder / self.anyres["image_newline_file"]) if self.anyres else None
@@ -153,7 +159,9 @@ class OnnxVLM:
     def _session(self, name: str):
         import onnxruntime as ort
 
-        opts = self.session_options or default_session_options()
+        opts = self.new_session_options()
+        if name in self.float16 and self.providers == ["CPUExecutionProvider"]:
+            cpu_float16_options(opts)
         return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=self.providers)
 
     # --- images ------------------------------------------------------------------------------------------------

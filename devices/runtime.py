@@ -109,12 +109,12 @@ class OnnxRuntime(Runtime):
     name = "onnx"
 
     def __init__(
-        self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",), session_options=None
+        self, onnx_folder, processor, providers: Sequence[str] = ("CPUExecutionProvider",), new_session_options=None
     ):
         from edgekit.devices.onnx_runtime import OnnxVLM
 
         super().__init__(processor)
-        self.vlm = OnnxVLM(onnx_folder, providers=providers, session_options=session_options)
+        self.vlm = OnnxVLM(onnx_folder, providers, new_session_options)
         self.vlm.vision, self.vlm.embed, self.vlm.decoder  # noqa: B018  open every session now: loading is loading
         self.eos = list(self.vlm.config["eos_token_ids"])
 

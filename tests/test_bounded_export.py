@@ -107,8 +107,10 @@ def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, t
 
     full = load(tiny_checkpoints[family], dtype="float32")
     vlm = OnnxVLM(folder)  # on the CPU: float16 weights cast per use, not folded into a float32 copy at load
-    assert vlm.session_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert not vlm.session_options.enable_cpu_mem_arena
+    for session in (vlm.vision, vlm.embed, vlm.decoder):
+        options = session.get_session_options()
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        assert not options.enable_cpu_mem_arena
     for i in range(3):
         inputs = build_inputs(half.processor, i)
         set_exit_layer(full.model, GEN_EXIT)
@@ -143,7 +145,8 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tiny_checkpoints
 
 def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_checkpoints, tmp_path):
     """int4 on a half-precision model: traced in float16 (no float32 copy), then MatMulNBits with float16 scales
-    a weight at a time; the other graphs stay float16, and the folder answers."""
+    a weight at a time; the other graphs stay float16, and the folder answers, onnxruntime optimizing the int4
+    decoder as usual."""
     half = load(_resaved(tiny_checkpoints["llava"], tmp_path / "half", "float16"), lazy=True)
     export = export_artifacts(half, GEN_EXIT, full_precision_profile(onnx="int4"), tmp_path / "out", formats=("onnx",))
     folder = export.folder / export.onnx_dir
@@ -154,5 +157,9 @@ def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_chec
     assert all(scales[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)
     quantization = json.loads((folder / DESCRIPTION_FILE).read_text())["quantization"]["graphs"]
     assert quantization[DECODER_FILE]["bits"] == 4 and "float16" in quantization[VISION_FILE]["method"]
-    tokens = OnnxVLM(folder).generate(build_inputs(half.processor, 0), 8, eos_token_ids=())
+    vlm = OnnxVLM(folder)
+    tokens = vlm.generate(build_inputs(half.processor, 0), 8, eos_token_ids=())
     assert tokens.shape == (1, 8)
+    disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # per-use casts for the float16 graphs only
+    assert vlm.vision.get_session_options().graph_optimization_level == disabled
+    assert vlm.decoder.get_session_options().graph_optimization_level != disabled
