@@ -131,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: onnx, gguf (the language model), mmproj (llama.cpp's own vision pipeline, opt-in: "
         "broken upstream for LLaVA; see README) (default: the target's formats)",
     )
-    p.add_argument("--onnx-quantization", metavar="SCHEME", help="one of the target's ONNX options (edgekit targets)")
+    p.add_argument(
+        "--onnx-quantization",
+        metavar="SCHEME",
+        help="one of the target's ONNX options (edgekit targets); default: the target's, or where its artifacts "
+        "would be over the budget, the next option that fits",
+    )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=commands.cmd_export)

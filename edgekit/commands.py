@@ -116,7 +116,8 @@ def cmd_targets(args) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print(
-        "--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme; "
+        "--target takes a name, a kind (jetson, phone: its default) or a profile .toml; * = default ONNX scheme, the "
+        "others in order (a model whose default set is over the budget gets the next that fits); "
         "gates in points: ASR versus the original model at its default exit layer, over-refusal and utility versus "
         "the original model at K (see README: the gate)"
     )
