@@ -33,6 +33,7 @@ REQUIREMENTS_FILE = "requirements.txt"
 DEVICE_MODULES = (
     "edgekit",
     "edgekit.errors",
+    "edgekit.machine",
     "edgekit.export",
     "edgekit.export.onnx_format",
     "edgekit.devices",

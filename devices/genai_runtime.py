@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.devices.onnx_runtime import room_for_float32
 from edgekit.devices.runtime import Prompt, Runtime, phases, until_eos
 from edgekit.export.onnx_format import DECODER_FILE, DESCRIPTION_FILE, GENAI_CONFIG_FILE, Names, float16_graphs
 
@@ -36,7 +37,7 @@ class OrtGenaiRuntime(Runtime):
         options = {}  # the vision and embedding sessions take the decoder's
         if n_threads:
             options |= {"intra_op_num_threads": n_threads, "inter_op_num_threads": 1}
-        if DECODER_FILE in float16_graphs(desc):  # its options are every session's
+        if DECODER_FILE in float16_graphs(desc) and not room_for_float32(folder, DECODER_FILE):  # every session's
             # float16 weights cast per use, not folded into a float32 copy (edgekit.devices.onnx_runtime)
             options |= {"graph_optimization_level": "ORT_DISABLE_ALL", "enable_cpu_mem_arena": False}
         if options:

@@ -11,10 +11,11 @@ Host-side work between the graphs, by family (recorded in `edgekit_onnx.json` un
 
 Float16 graphs on the CPU provider: x86 CPUs have no float16 kernels, so onnxruntime inserts a Cast to float32 before
 each node, and its default optimizations fold those casts at load: a float32 copy of every weight, twice the graph's
-size (a 7B fp16 decoder needs about 27 GB). For each graph whose weights are float16, `cpu_float16_options` keeps
-them in float16 (memory-mapped from the external data) and casts each one when its node runs, in priority order
-without an arena, so memory stays near the graphs' size, at some cost in speed (measured in README: Real sizes).
-Providers that run float16 natively (CUDA, TensorRT) are unaffected.
+size (a 7B fp16 decoder needs about 27 GB). That is the fast way, and it is taken when the copy would use at most
+half the memory available. Otherwise `cpu_float16_options` keeps the weights in float16 (memory-mapped from the
+external data) and casts each one when its node runs, in priority order without an arena: memory stays near the
+graph's size, and decoding is several times slower (README: Real sizes). Providers that run float16 natively (CUDA,
+TensorRT) are unaffected.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from edgekit.export.onnx_format import (
     Names,
     float16_graphs,
 )
+from edgekit.machine import available_memory
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -108,6 +110,13 @@ def default_session_options():
     return opts
 
 
+def room_for_float32(folder: Path, graph: str) -> bool:
+    """Whether a float32 copy of `graph`'s float16 weights (twice its files) fits in half the memory available."""
+    available = available_memory()
+    size = sum(path.stat().st_size for path in Path(folder).glob(graph + "*"))  # the graph and its .onnx_data
+    return available is None or 2 * size <= available / 2
+
+
 def cpu_float16_options(opts):
     """`opts` set to cast float16 weights per use on the CPU provider instead of holding a float32 copy (above)."""
     import onnxruntime as ort
@@ -160,7 +169,11 @@ class OnnxVLM:
         import onnxruntime as ort
 
         opts = self.new_session_options()
-        if name in self.float16 and self.providers == ["CPUExecutionProvider"]:
+        if (
+            name in self.float16
+            and self.providers == ["CPUExecutionProvider"]
+            and not room_for_float32(self.folder, name)
+        ):
             cpu_float16_options(opts)
         return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=self.providers)
 

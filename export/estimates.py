@@ -28,6 +28,7 @@ import torch
 from edgekit.devices.profiles import list_profiles
 from edgekit.errors import UserError
 from edgekit.export.quantizations import INT4_BLOCK_SIZE, PYTHON_GGUF_TYPES
+from edgekit.machine import available_memory
 from edgekit.model.families import text_config
 from edgekit.model.sizes import config_dtype, model_sizes
 from edgekit.units import human_bytes
@@ -184,13 +185,3 @@ def _roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) ->
         if size <= other.memory_budget_bytes:
             return f"; target {other.name} would fit ({scheme}, about {human_bytes(size, 'decimal')})"
     return ""
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None  # not Linux: no estimate to hold the export to

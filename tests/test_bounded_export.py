@@ -17,6 +17,7 @@ from conftest import full_precision_profile
 from test_onnx_export import FAMILY_TYPES, GEN_EXIT, build_inputs
 from test_onnx_quantize import cosine
 
+from edgekit.devices import onnx_runtime
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
 from edgekit.export import estimates
@@ -84,10 +85,10 @@ def test_a_gguf_export_never_loads_the_model(tiny_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILY_TYPES)
-def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, tmp_path):
+def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, tmp_path, monkeypatch):
     """No float32 copy: the weights in the graphs are float16, inputs and outputs stay float32 (the contract of every
     folder), the vision features match PyTorch's float32 ones, and the first logits match the float16 model's, with
-    onnxruntime casting the weights per use on the CPU."""
+    onnxruntime casting the weights per use on a CPU without room for a float32 copy."""
     half = load(_resaved(tiny_checkpoints[family], tmp_path / "half", "float16"), lazy=True)
     export = export_artifacts(half, GEN_EXIT, full_precision_profile(onnx="fp16"), tmp_path / "out", formats=("onnx",))
     assert half.model.dtype == torch.float16
@@ -106,7 +107,10 @@ def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, t
     assert "traced in float16" in (folder / DESCRIPTION_FILE).read_text()
 
     full = load(tiny_checkpoints[family], dtype="float32")
-    vlm = OnnxVLM(folder)  # on the CPU: float16 weights cast per use, not folded into a float32 copy at load
+    roomy = OnnxVLM(folder)  # room for onnxruntime's float32 copy of the weights: it folds its casts, the fast way
+    assert roomy.decoder.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    monkeypatch.setattr(onnx_runtime, "available_memory", lambda: 0)
+    vlm = OnnxVLM(folder)  # no room: float16 weights cast per use, not folded into a float32 copy at load
     for session in (vlm.vision, vlm.embed, vlm.decoder):
         options = session.get_session_options()
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -143,7 +147,7 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tiny_checkpoints
     assert estimates.export_needs(loaded.config, 3, full_precision_profile(gguf="q4_0"), ("gguf",), "fp32").disk > 0
 
 
-def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_checkpoints, tmp_path):
+def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_checkpoints, tmp_path, monkeypatch):
     """int4 on a half-precision model: traced in float16 (no float32 copy), then MatMulNBits with float16 scales
     a weight at a time; the other graphs stay float16, and the folder answers, onnxruntime optimizing the int4
     decoder as usual."""
@@ -157,6 +161,7 @@ def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_chec
     assert all(scales[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)
     quantization = json.loads((folder / DESCRIPTION_FILE).read_text())["quantization"]["graphs"]
     assert quantization[DECODER_FILE]["bits"] == 4 and "float16" in quantization[VISION_FILE]["method"]
+    monkeypatch.setattr(onnx_runtime, "available_memory", lambda: 0)  # no room for float32 copies
     vlm = OnnxVLM(folder)
     tokens = vlm.generate(build_inputs(half.processor, 0), 8, eos_token_ids=())
     assert tokens.shape == (1, 8)
