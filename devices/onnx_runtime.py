@@ -13,9 +13,9 @@ Float16 graphs on the CPU provider: x86 CPUs have no float16 kernels, so onnxrun
 each node, and its default optimizations fold those casts at load: a float32 copy of every weight, twice the graph's
 size (a 7B fp16 decoder needs about 27 GB). That is the fast way, and it is taken when the copy would use at most
 half the memory available. Otherwise `cpu_float16_options` keeps the weights in float16 (memory-mapped from the
-external data) and casts each one when its node runs, in priority order without an arena: memory stays near the
-graph's size, and decoding is several times slower (README: Real sizes). Providers that run float16 natively (CUDA,
-TensorRT) are unaffected.
+external data) and casts each one when its node runs, in priority order without an arena or buffer reuse: memory
+stays near the graph's size, and decoding is several times slower (README: Real sizes). Providers that run float16
+natively (CUDA, TensorRT) are unaffected.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def cpu_float16_options(opts):
 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # constant folding makes the copy
     opts.enable_cpu_mem_arena = False  # an arena would keep the largest casts' memory after they are freed
+    opts.enable_mem_reuse = False  # reused buffers outlive the casts too (7B prefill: 16.4 -> 15.0 GiB)
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # casts run next to their consumers, not all first
     return opts
 
