@@ -43,6 +43,11 @@ class TargetProfile:
     default: bool = False  # the default profile of its kind
     source: str = ""  # the TOML file it came from
 
+    @property
+    def accepted_formats(self) -> tuple[str, ...]:
+        """What an export for this target may write: its formats, plus the opt-in mmproj where it takes gguf."""
+        return (*self.formats, "mmproj") if "gguf" in self.formats else self.formats
+
     def __post_init__(self):
         def check(value, allowed, what):
             if value not in allowed:

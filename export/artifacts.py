@@ -109,10 +109,9 @@ def check_request(
     memory and (with `out_dir`) disk it needs too. Returns the ONNX scheme (`onnx_quantization`, or the target's
     default fitted to its budget: `estimates.fitted_scheme`) and a line saying why, when the default was changed."""
     check_exit_layer(exit_layer, num_layers)
-    takes = (*profile.formats, "mmproj") if "gguf" in profile.formats else profile.formats
     for fmt in formats:
-        if fmt not in takes:
-            raise UserError(f"target {profile.name} takes formats {', '.join(takes)}, not {fmt}")
+        if fmt not in profile.accepted_formats:
+            raise UserError(f"target {profile.name} takes formats {', '.join(profile.accepted_formats)}, not {fmt}")
     if "mmproj" in formats and "gguf" not in formats:
         raise UserError("--formats mmproj needs gguf too: the mmproj feeds the language model GGUF")
     if "mmproj" in formats and not family.gguf_projector:

@@ -178,7 +178,7 @@ def _roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) ->
     budget = profile.memory_budget_bytes
     roomier = [p for p in list_profiles() if p.kind == profile.kind and p.memory_budget_bytes > budget]
     for other in sorted(roomier, key=lambda p: p.memory_budget_bytes):
-        if not set(formats) <= set(other.formats) | {"mmproj"}:
+        if not set(formats) <= set(other.accepted_formats):
             continue
         scheme, _ = fitted_scheme(config, exit_layer, other, formats)
         size = max(export_needs(config, exit_layer, other, formats, scheme).sets.values())
