@@ -204,10 +204,12 @@ def export_files(kind: str, folder) -> dict[str, Path]:
         raise UserError(f"{folder}: no {MANIFEST_FILE} (not an edgekit export folder)")
     manifest = json.loads(manifest_path.read_text())
     art: dict[str, Any] = manifest["artifacts"]
+    why = manifest.get("unsupported_runtimes", {}).get(kind)
+    if why:
+        raise UserError(f"{folder} has no {kind} runtime: {why}")
     missing = [key for key in FILES[kind] if not art.get(key)]
     if missing:
-        why = manifest.get("unsupported_runtimes", {}).get(kind)
-        raise UserError(f"{folder} has no {', '.join(missing)} for the {kind} runtime" + (f": {why}" if why else ""))
+        raise UserError(f"{folder} has no {', '.join(missing)} for the {kind} runtime")
     return {key: folder / art[key] for key in FILES[kind]}
 
 

@@ -135,11 +135,11 @@ def cmd_export(args) -> None:
     formats = parse_formats(args.formats) if args.formats else profile.formats
     check_output_dir(args.output, args.overwrite)
     config, family, _ = preflight(args, exit_layer=args.exit_layer)
-    _, fitted = check_request(
+    plan = check_request(
         family, family.num_layers(config), args.exit_layer, profile, formats, args.onnx_quantization, config
     )
-    if fitted:
-        print(f"edgekit: {fitted}", file=sys.stderr)
+    if plan.why:
+        print(f"edgekit: {plan.why}", file=sys.stderr)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     result = export_artifacts(
         _load(args, lazy=True),  # the weights load when a writer needs them in memory (the GGUF streams them)

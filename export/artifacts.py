@@ -21,11 +21,12 @@ covers the weights a device loads, not its KV cache or activations.
 Per family, as the family table says (`gguf_language_model`, `gguf_projector`): LLaVA-1.5 can get every artifact.
 The mmproj (llama.cpp's own vision pipeline) is written only when `mmproj` is among the formats: that pipeline puts
 LLaVA's CLS token in the wrong place upstream, so targets ship the hybrid runtime (the ONNX vision graph + the LM GGUF)
-by default. LLaVA-NeXT cannot have an mmproj: edgekit's mmproj writer has no anyres (image grid pinpoints,
-image_newline) support, and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid runtime runs
-it. Llama 3.2 Vision: ONNX only (llama.cpp has no support for it). onnxruntime-genai's files
-(`edgekit.export.genai`, runtime set `ortgenai`) are written unless the family table says why not
-(`ortgenai_unsupported`); the manifest records that reason.
+by default. Where no ONNX decoder fits the target's budget but the hybrid's set does, the ONNX folder holds the vision
+graph alone (`estimates.OnnxPlan`), and the manifest names the onnx and ortgenai runtimes unsupported, saying why.
+LLaVA-NeXT cannot have an mmproj: edgekit's mmproj writer has no anyres (image grid pinpoints, image_newline) support,
+and a LLaVA-1.5-style mmproj would silently see only the base tile; the hybrid runtime runs it. Llama 3.2 Vision: ONNX
+only (llama.cpp has no support for it). onnxruntime-genai's files (`edgekit.export.genai`, runtime set `ortgenai`) are
+written unless the family table says why not (`ortgenai_unsupported`); the manifest records that reason.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ import torch
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
-from edgekit.export.estimates import check_export, fitted_scheme, traced_in_half
+from edgekit.export.estimates import OnnxPlan, check_export, fit_to_budget, traced_in_half
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
-from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, VISION_FILE
+from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, GRAPH_FILES, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
+from edgekit.model.families import attr_path
 from edgekit.model.surgery import check_exit_layer
 from edgekit.outputs import atomic_dir, check_output_dir, save_processor
 from edgekit.units import human_bytes
@@ -104,10 +106,10 @@ def check_request(
     onnx_quantization: str | None = None,
     config=None,
     out_dir=None,
-) -> tuple[str, str]:
+) -> OnnxPlan:
     """Everything about an export request that can be checked before loading weights; with `config`, the budget,
-    memory and (with `out_dir`) disk it needs too. Returns the ONNX scheme (`onnx_quantization`, or the target's
-    default fitted to its budget: `estimates.fitted_scheme`) and a line saying why, when the default was changed."""
+    memory and (with `out_dir`) disk it needs too. Returns what the ONNX export writes: `onnx_quantization`, or the
+    target's default fitted to its budget (`estimates.fit_to_budget`), with a line saying why where it changed."""
     check_exit_layer(exit_layer, num_layers)
     for fmt in formats:
         if fmt not in profile.accepted_formats:
@@ -126,12 +128,12 @@ def check_request(
         raise UserError(
             f"target {profile.name} takes ONNX quantization {', '.join(profile.onnx_options)}, not {scheme}"
         )
-    fitted = ""
+    plan = OnnxPlan(scheme)
     if config is not None:
         if onnx_quantization is None:
-            scheme, fitted = fitted_scheme(config, exit_layer, profile, formats)
-        check_export(config, exit_layer, profile, formats, scheme, out_dir)
-    return scheme, fitted
+            plan = fit_to_budget(config, exit_layer, profile, formats)
+        check_export(config, exit_layer, profile, formats, plan, out_dir)
+    return plan
 
 
 def export_artifacts(
@@ -155,7 +157,8 @@ def export_artifacts(
     formats = parse_formats(formats or profile.formats)
     num_layers = family.num_layers(config)
     check_output_dir(out_dir, overwrite)
-    scheme, fitted = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization, config, out_dir)
+    plan = check_request(family, num_layers, exit_layer, profile, formats, onnx_quantization, config, out_dir)
+    scheme = plan.scheme
     entries: list[FileEntry] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -167,8 +170,8 @@ def export_artifacts(
             entries.append(file_entry(tmp, lm_name, "gguf", profile.gguf_quantization))
         if "onnx" in formats:
             onnx_dir = f"onnx-k{exit_layer}-{scheme}"
-            _write_onnx(loaded, exit_layer, profile, scheme, tmp / onnx_dir, work, calibration_inputs)
-            if not family.ortgenai_unsupported:
+            _write_onnx(loaded, exit_layer, profile, plan, tmp / onnx_dir, work, calibration_inputs)
+            if plan.decoder and not family.ortgenai_unsupported:
                 from edgekit.export.genai import write_genai
 
                 write_genai(tmp / onnx_dir)
@@ -200,7 +203,7 @@ def export_artifacts(
                 "onnx": scheme if onnx_dir else None,
                 "gguf": profile.gguf_quantization if lm_name else None,
                 "mmproj": profile.mmproj_quantization if mmproj_name else None,
-                "fitted_to_budget": fitted or None,
+                "fitted_to_budget": plan.why or None,
             },
             "artifacts": {
                 "onnx_dir": onnx_dir,
@@ -209,7 +212,7 @@ def export_artifacts(
                 "genai_dir": genai_dir,
                 "processor_dir": PROCESSOR_DIR,
             },
-            "unsupported_runtimes": {"ortgenai": family.ortgenai_unsupported} if family.ortgenai_unsupported else {},
+            "unsupported_runtimes": _unsupported_runtimes(family, plan, formats),
             "memory": {
                 "budget_bytes": profile.memory_budget_bytes,
                 "largest_set": largest.name,
@@ -240,21 +243,32 @@ def export_artifacts(
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
-def _write_onnx(loaded, k, profile, scheme, out: Path, work: Path, calibration_inputs) -> None:
+def _unsupported_runtimes(family, plan: OnnxPlan, formats: Sequence[str]) -> dict[str, str]:
+    """The runtimes this export cannot serve although its formats name them, and why (`runtime.export_files`)."""
+    out = {"ortgenai": family.ortgenai_unsupported} if family.ortgenai_unsupported else {}
+    if "onnx" in formats and not plan.decoder:
+        out |= dict.fromkeys(("onnx", "ortgenai"), f"no ONNX decoder: {plan.why}")
+    return out
+
+
+def _write_onnx(loaded, k, profile, plan: OnnxPlan, out: Path, work: Path, calibration_inputs) -> None:
     from edgekit.export.onnx import export_onnx
     from edgekit.export.onnx_quantize import quantize, record_traced_fp16
 
-    model = loaded.model
+    model, family, scheme = loaded.model, loaded.family, plan.scheme
+    parts = GRAPH_FILES if plan.decoder else (VISION_FILE,)
     if traced_in_half(model.dtype, scheme):  # no float32 copy
         traced = out if scheme == "fp16" else work / "onnx-fp16"
-        export_onnx(model.to(torch.float16), loaded.processor, loaded.family, k, traced, opset=profile.onnx_opset)
+        export_onnx(model.to(torch.float16), loaded.processor, family, k, traced, profile.onnx_opset, parts=parts)
         record_traced_fp16(traced)
         if scheme == "int4":  # streams a weight at a time
             quantize(traced, scheme, out)
         return
     fp32 = out if scheme == "fp32" else work / "onnx-fp32"
-    model.float()  # onnxruntime's int8 quantizers and float16 conversion read float32 graphs
-    export_onnx(model, loaded.processor, loaded.family, k, fp32, opset=profile.onnx_opset)
+    # onnxruntime's int8 quantizers and float16 conversion read float32 graphs; only the graphs' modules are cast
+    for module in [model] if plan.decoder else [attr_path(model, family.tower), attr_path(model, family.projector)]:
+        module.float()
+    export_onnx(model, loaded.processor, family, k, fp32, opset=profile.onnx_opset, parts=parts)
     if scheme != "fp32":
         calibration = calibration_inputs
         if scheme == "int8_qdq" and not calibration:
@@ -267,7 +281,7 @@ def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> 
     (memory: one tensor), else from the model as it is in memory. K-quants and Q4_0 go through an intermediate in the
     weights' own precision (f32, f16 or bf16: lossless), which llama.cpp's quantizer reads."""
     from edgekit.export import gguf
-    from edgekit.model.families import attr_path, text_config
+    from edgekit.model.families import text_config
     from edgekit.model.weights import CheckpointTensors, ModelTensors, checkpoint_dtype, language_model_tensors
 
     if loaded.folder is not None and not loaded.in_memory:
@@ -298,7 +312,6 @@ def _write_lm_gguf(loaded, qtype: str, path: Path, work: Path, nthread: int) -> 
 
 def _write_mmproj(loaded, k: int, qtype: str, path: Path) -> None:
     from edgekit.export import gguf
-    from edgekit.model.families import attr_path
 
     model, family = loaded.model, loaded.family
     image_processor = loaded.processor.image_processor
@@ -322,7 +335,7 @@ def _write_processor(loaded, out: Path) -> list[FileEntry]:
 def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name, genai_dir) -> list[RuntimeSet]:
     size = {e.path: e.bytes for e in entries}
     candidates: list[tuple[str, list[str]]] = []
-    if onnx_dir:
+    if onnx_dir and f"{onnx_dir}/{DECODER_FILE}" in size:  # else the vision graph alone, for the hybrid
         in_onnx = [p for p in size if p.startswith(f"{onnx_dir}/") and p.endswith((".onnx", ".onnx_data", ".npy"))]
         candidates.append(("onnx", [p for p in in_onnx if f"/{GENAI_EMBED_FILE}" not in p]))
     if lm_name and mmproj_name:

@@ -13,7 +13,8 @@ Artifact bytes per parameter follow from each format's storage (int8: 1 byte; Ma
 in the traced precision: 0.5625 from float16, 0.625 from float32; llama.cpp Q4_0 4.5 bits, Q4_K_M about 4.85, Q6_K
 6.56, Q8_0 8.5). A target's default ONNX scheme gives way to the next of its options whose sets fit the budget
 (`fitted_scheme`); a request whose largest runtime set is still clearly over the budget is refused, and the export's
-own check of the written files stays the authority.
+own check of the written files stays the authority. Where no ONNX decoder fits but the hybrid's set does (the ONNX
+vision graph + the language model GGUF), the export writes the vision graph alone for the hybrid runtime.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def traced_in_half(dtype: torch.dtype, scheme: str) -> bool:
 
 
 @dataclass(frozen=True)
+class OnnxPlan:
+    """What an export writes as ONNX: `scheme`; the decoder too (`decoder`), or only the vision graph, which the
+    hybrid runtime runs beside the language model GGUF; and `why`, a line saying how it departs from the target's
+    default ('' when it does not)."""
+
+    scheme: str
+    decoder: bool = True
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class ExportNeeds:
     sets: dict[str, int]  # estimated bytes of each runtime set the export would write (see artifacts.RuntimeSet)
     memory: int  # peak memory
@@ -66,13 +78,17 @@ class ExportNeeds:
     disk: int  # bytes written at the export's fullest
 
 
-def export_needs(config, exit_layer: int, profile, formats: Sequence[str], scheme: str) -> ExportNeeds:
-    """What an export of `config`'s model at `exit_layer` will need, from one count of its parameters."""
+def export_needs(
+    config, exit_layer: int, profile, formats: Sequence[str], scheme: str, decoder: bool = True
+) -> ExportNeeds:
+    """What an export of `config`'s model at `exit_layer` will need, from one count of its parameters (`decoder`:
+    whether the ONNX graphs include the language model, see OnnxPlan)."""
     sizes = model_sizes(config, exit_layer=exit_layer, dtype=torch.float32)
     tower, projector, language, total = (part.params for part in sizes.parts)
     text = text_config(config)
     embed = text.vocab_size * text.hidden_size
     half = traced_in_half(config_dtype(config), scheme)
+    saved = total * torch.empty((), dtype=config_dtype(config)).element_size()  # the checkpoint's weight bytes
 
     vision_params = tower - sizes.saved_params + projector
     per_vision, per_embed, per_decoder = ONNX_BYTES_PER_PARAM[scheme]
@@ -83,8 +99,9 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
     vision = vision_params * per_vision
     lm = language * GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
     sets = {}
-    if "onnx" in formats:
-        sets["onnx"] = vision + embed * per_embed + (language - embed) * per_decoder
+    onnx_lm = embed * per_embed + (language - embed) * per_decoder if decoder else 0
+    if "onnx" in formats and decoder:
+        sets["onnx"] = vision + onnx_lm
     if "gguf" in formats:
         mmproj = vision_params * GGUF_BYTES_PER_PARAM[profile.mmproj_quantization] if "mmproj" in formats else 0
         sets["gguf"] = lm + mmproj
@@ -94,7 +111,9 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
     memory = [(0, "")]
     if "gguf" in formats:
         memory.append((int(GGUF_PEAK_BASE + GGUF_PEAK_PER_LARGEST_FP32 * embed * 4), "streams the language model"))
-    if "onnx" in formats or "mmproj" in formats:
+    if "onnx" in formats and not decoder:  # the vision graph alone is traced; the rest stays as saved
+        memory.append((int(ONNX_PEAK_PER_HALF_BYTE * saved + 2 * 4 * vision_params), "holds the model as saved"))
+    elif "onnx" in formats or "mmproj" in formats:
         if half or ("onnx" not in formats and config_dtype(config) in HALF_DTYPES):  # the mmproj reads it as saved
             memory.append((int(ONNX_PEAK_PER_HALF_BYTE * 2 * total), "holds the model in float16"))
         else:
@@ -105,53 +124,75 @@ def export_needs(config, exit_layer: int, profile, formats: Sequence[str], schem
     # The artifacts (the ONNX folder with onnxruntime-genai's copy of the embedding, the GGUF files) plus the larger
     # intermediate (the traced graphs a quantizer reads; the GGUF in the checkpoint's precision that llama.cpp
     # quantizes), each removed once used.
-    artifacts = (
-        sets.get("onnx", 0) + embed * per_embed + sets.get("gguf", 0) if "onnx" in formats else sets.get("gguf", 0)
-    )
+    genai_embed = embed * per_embed if decoder else 0  # onnxruntime-genai's copy of the embedding
+    artifacts = (vision + onnx_lm + genai_embed if "onnx" in formats else 0) + sets.get("gguf", 0)
     traced = 0 if scheme == "fp32" or (half and scheme == "fp16") else (2 if half else 4) * total
+    traced = traced if decoder else 4 * vision_params
     onnx_work = traced if "onnx" in formats else 0
     gguf_work = 0
     if "gguf" in formats and profile.gguf_quantization not in PYTHON_GGUF_TYPES:
-        gguf_work = total * torch.empty((), dtype=config_dtype(config)).element_size()
+        gguf_work = saved
     need, why = max(memory)
     return ExportNeeds({k: int(v) for k, v in sets.items()}, need, why, int(artifacts + max(onnx_work, gguf_work)))
 
 
-def fitted_scheme(config, exit_layer: int, profile, formats: Sequence[str]) -> tuple[str, str]:
-    """The ONNX scheme a target gets when none is asked for: its default, or where the default's artifacts would be
-    over the budget, the first of its `onnx_options` after the default (most precise first) whose would fit; and a
-    line saying so ('' when the default fits, or when no option does and `check_export` will refuse it)."""
+def fit_to_budget(config, exit_layer: int, profile, formats: Sequence[str]) -> OnnxPlan:
+    """The ONNX a target gets when no scheme is asked for: its default; where the default's artifacts would be over
+    the budget, the first of its `onnx_options` after the default (most precise first) whose would fit; where none
+    fits and the formats include the GGUF, the default's vision graph alone for the hybrid runtime, if that fits.
+    Where nothing fits, the default, which `check_export` refuses."""
     default = profile.onnx_quantization
     if "onnx" not in formats:
-        return default, ""
+        return OnnxPlan(default)
     budget = profile.memory_budget_bytes
     options = profile.onnx_options[profile.onnx_options.index(default) :]
-    sizes = {s: max(export_needs(config, exit_layer, profile, formats, s).sets.values()) for s in options}
-    scheme = next((s for s in options if sizes[s] <= budget), default)
+    sizes = {s: _largest_set(config, exit_layer, profile, formats, s) for s in options}
+    scheme = next((s for s in options if sizes[s] <= budget), None)
     if scheme == default:
-        return default, ""
-    return scheme, (
+        return OnnxPlan(default)
+    over = (
         f"target {profile.name}: with {default} ONNX the largest runtime set would need about "
-        f"{human_bytes(sizes[default], 'decimal')}, over the {human_bytes(budget, 'decimal')} budget; exporting "
-        f"{scheme} (largest set about {human_bytes(sizes[scheme], 'decimal')})"
+        f"{_decimal(sizes[default])}, over the {_decimal(budget)} budget"
+    )
+    if scheme is not None:
+        return OnnxPlan(scheme, why=f"{over}; exporting {scheme} (largest set about {_decimal(sizes[scheme])})")
+    hybrid = _largest_set(config, exit_layer, profile, formats, default, decoder=False)
+    if "gguf" not in formats or hybrid > budget:
+        return OnnxPlan(default)
+    smallest = min(sizes, key=sizes.__getitem__)
+    return OnnxPlan(
+        default,
+        decoder=False,
+        why=f"{over}, and with {smallest} about {_decimal(sizes[smallest])}; exporting the {default} ONNX vision "
+        f"graph alone, for the hybrid runtime with the {profile.gguf_quantization} language model GGUF (about "
+        f"{_decimal(hybrid)})",
     )
 
 
-def check_export(config, exit_layer: int, profile, formats: Sequence[str], scheme: str, out_dir=None) -> None:
+def _largest_set(config, exit_layer: int, profile, formats: Sequence[str], scheme: str, decoder: bool = True) -> int:
+    return max(export_needs(config, exit_layer, profile, formats, scheme, decoder).sets.values())
+
+
+def _decimal(n: int) -> str:
+    return human_bytes(n, "decimal")
+
+
+def check_export(config, exit_layer: int, profile, formats: Sequence[str], plan: OnnxPlan, out_dir=None) -> None:
     """Refuse, in one line, an export whose artifacts are clearly over the target's budget, or that this machine
     cannot hold in memory or (with `out_dir`) on disk."""
-    needs = export_needs(config, exit_layer, profile, formats, scheme)
+    scheme = plan.scheme
+    needs = export_needs(config, exit_layer, profile, formats, scheme, plan.decoder)
     name, size = max(needs.sets.items(), key=lambda item: item[1])
     budget = profile.memory_budget_bytes
     if size > ESTIMATE_MARGIN * budget:
         gguf = needs.sets.get("gguf", budget + 1)
         fits = name != "gguf" and gguf <= budget
-        hint = f"; --formats gguf would fit (about {human_bytes(gguf, 'decimal')})" if fits else ""
+        hint = f"; --formats gguf would fit (about {_decimal(gguf)})" if fits else ""
         roomier = _roomier_target(config, exit_layer, profile, formats)
         raise UserError(
-            f"artifacts would not fit target {profile.name}: the {name} set needs about {human_bytes(size, 'decimal')}"
+            f"artifacts would not fit target {profile.name}: the {name} set needs about {_decimal(size)}"
             f" ({scheme if name == 'onnx' else profile.gguf_quantization}) but the memory budget is "
-            f"{human_bytes(budget, 'decimal')}{hint}{roomier}"
+            f"{_decimal(budget)}{hint}{roomier}"
         )
     available = available_memory()
     if available is not None and needs.memory > available:
@@ -180,8 +221,9 @@ def _roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) ->
     for other in sorted(roomier, key=lambda p: p.memory_budget_bytes):
         if not set(formats) <= set(other.accepted_formats):
             continue
-        scheme, _ = fitted_scheme(config, exit_layer, other, formats)
-        size = max(export_needs(config, exit_layer, other, formats, scheme).sets.values())
+        plan = fit_to_budget(config, exit_layer, other, formats)
+        size = _largest_set(config, exit_layer, other, formats, plan.scheme, plan.decoder)
         if size <= other.memory_budget_bytes:
-            return f"; target {other.name} would fit ({scheme}, about {human_bytes(size, 'decimal')})"
+            what = plan.scheme if plan.decoder else f"{plan.scheme} vision graph with the hybrid"
+            return f"; target {other.name} would fit ({what}, about {_decimal(size)})"
     return ""

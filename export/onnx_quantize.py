@@ -97,8 +97,11 @@ class _RecordingSession:
 
 
 def _calibration_feeds(folder: Path, calibration_inputs: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
-    """Vision-graph feeds and decoder feeds that the fp32 folder's runtime produces for the calibration inputs."""
+    """Vision-graph feeds and decoder feeds that the fp32 folder's runtime produces for the calibration inputs (no
+    decoder feeds for a folder holding the vision graph alone)."""
     vlm = OnnxVLM(folder)
+    if not (folder / DECODER_FILE).is_file():
+        return [vlm.vision_feeds(inputs) for inputs in calibration_inputs], []
     recorder = _RecordingSession(vlm.decoder)
     vlm.decoder = recorder
     vision = []
@@ -243,7 +246,7 @@ def record_traced_fp16(folder: Path) -> None:
     path = folder / DESCRIPTION_FILE
     desc = json.loads(path.read_text())
     method = {"method": "traced in float16 (the model's own precision)", "weights": "float16", "keep_io_types": True}
-    desc["quantization"] = {"scheme": "fp16", "graphs": dict.fromkeys(GRAPH_FILES, method)}
+    desc["quantization"] = {"scheme": "fp16", "graphs": dict.fromkeys(desc["graphs"], method)}
     path.write_text(json.dumps(desc, indent=2))
 
 
@@ -257,34 +260,40 @@ def quantize(folder, scheme: str, out_folder, calibration_inputs: Iterable[Mappi
     if scheme == "int8_qdq" and not calibration:
         raise UserError("int8_qdq needs calibration_inputs: processor outputs of a few benign images with a prompt")
     out.mkdir(parents=True, exist_ok=True)
+    present = [name for name in GRAPH_FILES if (folder / name).is_file()]
     with tempfile.TemporaryDirectory() as tmp:  # onnxruntime's tools want paths; keep partial files out of `out`
         tmp = Path(tmp)
         done: dict[str, dict] = {}
+
+        def convert(name: str, method, *args) -> None:  # a folder may hold the vision graph alone
+            if (folder / name).is_file():
+                done[name] = method(folder / name, tmp / name, *args)
+
         if scheme == "int8_dynamic":
-            done[VISION_FILE] = _int8_dynamic(folder / VISION_FILE, tmp / VISION_FILE, ("MatMul", "Gemm"))
-            done[EMBED_FILE] = _int8_dynamic(folder / EMBED_FILE, tmp / EMBED_FILE, ("Gather",))
-            done[DECODER_FILE] = _int8_dynamic(folder / DECODER_FILE, tmp / DECODER_FILE, ("MatMul", "Gemm"))
+            convert(VISION_FILE, _int8_dynamic, ("MatMul", "Gemm"))
+            convert(EMBED_FILE, _int8_dynamic, ("Gather",))
+            convert(DECODER_FILE, _int8_dynamic, ("MatMul", "Gemm"))
         elif scheme == "int8_qdq":
             vision_feeds, decoder_feeds = _calibration_feeds(folder, calibration)
             ops = ("MatMul", "Gemm", "Conv")
-            done[VISION_FILE] = _int8_qdq(folder / VISION_FILE, tmp / VISION_FILE, vision_feeds, ops)
-            done[DECODER_FILE] = _int8_qdq(folder / DECODER_FILE, tmp / DECODER_FILE, decoder_feeds, ops)
+            convert(VISION_FILE, _int8_qdq, vision_feeds, ops)
+            convert(DECODER_FILE, _int8_qdq, decoder_feeds, ops)
         elif scheme == "int4":
-            done[DECODER_FILE] = _int4(folder / DECODER_FILE, tmp / DECODER_FILE)
+            convert(DECODER_FILE, _int4)
         else:
             for name in GRAPH_FILES:
-                done[name] = _fp16(folder / name, tmp / name)
-        for name in GRAPH_FILES:
+                convert(name, _fp16)
+        for name in present:
             for file in graph_files(tmp / name if name in done else folder / name):
                 shutil.copyfile(file, out / file.name)
-    files = [file.name for name in GRAPH_FILES for file in graph_files(out / name)]
+    files = [file.name for name in present for file in graph_files(out / name)]
     if (folder / NEWLINE_FILE).is_file():
         shutil.copyfile(folder / NEWLINE_FILE, out / NEWLINE_FILE)
         files.append(NEWLINE_FILE)
     desc = json.loads((folder / DESCRIPTION_FILE).read_text())
-    desc["graphs"] = {name: graph_io(out / name) for name in GRAPH_FILES}
+    desc["graphs"] = {name: graph_io(out / name) for name in present}
     before = desc.get("quantization", {}).get("graphs", {})  # a folder traced in float16 says so
-    methods = {name: done.get(name, before.get(name, {"method": "none (fp32)"})) for name in GRAPH_FILES}
+    methods = {name: done.get(name, before.get(name, {"method": "none (fp32)"})) for name in present}
     desc["quantization"] = {"scheme": scheme, "graphs": methods}
     (out / DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2))
     files.append(DESCRIPTION_FILE)

@@ -168,3 +168,33 @@ def test_int4_of_a_half_precision_model_streams_from_its_float16_trace(tiny_chec
     disabled = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # per-use casts for the float16 graphs only
     assert vlm.vision.get_session_options().graph_optimization_level == disabled
     assert vlm.decoder.get_session_options().graph_optimization_level != disabled
+
+
+def test_the_vision_graph_alone_serves_the_hybrid(tiny_checkpoints, tmp_path, monkeypatch):
+    """The plan for a target whose budget no ONNX decoder fits but the hybrid's set does (decided from real sizes in
+    test_real_sizes; tiny graphs are mostly overhead, so it is set here): the export writes the vision graph alone,
+    records why, and the hybrid answers as it does from a full export; the onnx and ortgenai runtimes are refused in
+    one line naming the reason."""
+    from dataclasses import replace
+
+    from edgekit.devices.runtime import Prompt, open_runtime
+    from edgekit.export import artifacts
+    from edgekit.export.manifest import read_manifest, verify_hashes
+    from edgekit.safety.suite import builtin_suite
+
+    profile = replace(full_precision_profile(onnx="int8_dynamic"), formats=("onnx", "gguf"))
+    full = export_artifacts(load(tiny_checkpoints["llava"], lazy=True), GEN_EXIT, profile, tmp_path / "full")
+    plan = estimates.OnnxPlan("int8_dynamic", decoder=False, why="target X: no decoder fits")
+    monkeypatch.setattr(artifacts, "fit_to_budget", lambda *args: plan)
+    alone = export_artifacts(load(tiny_checkpoints["llava"], lazy=True), GEN_EXIT, profile, tmp_path / "alone")
+    assert sorted(p.name for p in (alone.folder / alone.onnx_dir).iterdir()) == [DESCRIPTION_FILE, VISION_FILE]
+    assert [s.name for s in alone.runtime_sets] == ["hybrid"]
+    manifest = read_manifest(alone.folder)
+    assert manifest["quantization"]["fitted_to_budget"] == plan.why and not verify_hashes(alone.folder)
+
+    prompts = [Prompt(item.image(), item.prompt) for item in builtin_suite().select("eval", limit_per_kind=2)]
+    want, got = (open_runtime("hybrid", e.folder) for e in (full, alone))
+    assert [got.generate(p, 8) for p in prompts] == [want.generate(p, 8) for p in prompts]
+    for kind in ("onnx", "ortgenai"):
+        with pytest.raises(UserError, match=f"has no {kind} runtime: no ONNX decoder: target X"):
+            open_runtime(kind, alone.folder)

@@ -86,12 +86,14 @@ def test_real_width_export_answers_in_every_onnx_runtime(tmp_path):
 
 
 def test_artifacts_too_big_for_the_target_are_refused_from_the_config(tmp_path, capsys):
-    """LLaVA-1.5-7B for the phone (4 GB budget): its int8 ONNX set is about 6.9 GB, so the export is refused before
-    any weight is read, and the line says the language-model GGUF alone (Q4_0, about 3.8 GB) would fit."""
+    """LLaVA-1.5-7B for the phone (4 GB budget) with int8 ONNX asked for by name: its set is about 6.9 GB, so the
+    export is refused before any weight is read, and the line says what would fit: the language-model GGUF alone
+    (Q4_0, about 3.8 GB), or the 12 GB phone's int4."""
     config, _ = real_config("llava-1.5-7b")
     config.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "phone", "-o", str(out)])
+    args = ["--target", "phone", "--onnx-quantization", "int8_dynamic", "-o", str(out)]
+    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and not out.exists(), err
     assert "the onnx set needs about 6.91 GB (int8_dynamic)" in err[0] and "budget is 4.00 GB" in err[0], err
@@ -106,17 +108,39 @@ def test_a_target_takes_the_next_onnx_scheme_that_fits_its_budget():
     instead. The 4-layer model's fp16 set fits and stays fp16."""
     from edgekit.devices.profiles import load_profile
     from edgekit.errors import UserError
-    from edgekit.export.estimates import check_export, fitted_scheme
+    from edgekit.export.estimates import OnnxPlan, check_export, fit_to_budget
 
     config, _ = real_config("llava-1.5-7b")
     nano, formats = load_profile("jetson"), ("onnx", "gguf")
-    scheme, why = fitted_scheme(config, 12, nano, formats)
-    assert scheme == "int4", why
-    assert why == (
+    plan = fit_to_budget(config, 12, nano, formats)
+    assert plan.scheme == "int4" and plan.decoder, plan
+    assert plan.why == (
         "target jetson-orin-nano: with fp16 ONNX the largest runtime set would need about 13.82 GB, over the "
         "5.00 GB budget; exporting int4 (largest set about 4.56 GB)"
     )
-    check_export(config, 12, nano, formats, scheme)
+    check_export(config, 12, nano, formats, plan)
     with pytest.raises(UserError, match="the onnx set needs about 13.82 GB"):
-        check_export(config, 12, nano, formats, "fp16")
-    assert fitted_scheme(real_config("llava-1.5-7b", lm_layers=4)[0], 12, nano, formats) == ("fp16", "")
+        check_export(config, 12, nano, formats, OnnxPlan("fp16"))
+    assert fit_to_budget(real_config("llava-1.5-7b", lm_layers=4)[0], 12, nano, formats) == OnnxPlan("fp16")
+
+
+def test_a_phone_that_no_onnx_decoder_fits_gets_the_hybrid():
+    """LLaVA-1.5-7B for the 4 GB phone: no ONNX decoder fits (int8 6.91 GB, int4 4.33 GB), but the int8 vision
+    graph beside the Q4_0 language model GGUF does (3.96 GB), so the export writes that and says so; the memory it
+    needs is the model as saved, not a float32 copy."""
+    from edgekit.devices.profiles import load_profile
+    from edgekit.export.estimates import check_export, export_needs, fit_to_budget
+
+    config, _ = real_config("llava-1.5-7b")
+    phone, formats = load_profile("phone"), ("onnx", "gguf")
+    plan = fit_to_budget(config, 12, phone, formats)
+    assert plan.scheme == "int8_dynamic" and not plan.decoder, plan
+    assert plan.why == (
+        "target android-arm64: with int8_dynamic ONNX the largest runtime set would need about 6.91 GB, over the "
+        "4.00 GB budget, and with int4 about 4.33 GB; exporting the int8_dynamic ONNX vision graph alone, for the "
+        "hybrid runtime with the q4_0 language model GGUF (about 3.96 GB)"
+    )
+    needs = export_needs(config, 12, phone, formats, plan.scheme, plan.decoder)
+    assert set(needs.sets) == {"gguf", "hybrid"} and needs.memory_why == "holds the model as saved"
+    assert needs.memory < 1.3 * 2 * 7.06e9
+    check_export(config, 12, phone, formats, plan)

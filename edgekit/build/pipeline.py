@@ -170,9 +170,9 @@ def check_request(cfg: BuildConfig, profile, log: Callable[[str], None] = print)
     family = family_for(config)
     num_layers = family.num_layers(config)
     formats = parse_formats(cfg.formats) if cfg.formats else profile.formats
-    _, fitted = check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization, config)
-    if fitted:
-        log(fitted)
+    plan = check_export(family, num_layers, cfg.exit_layer, profile, formats, cfg.onnx_quantization, config)
+    if plan.why:
+        log(plan.why)
     check_layers(align, num_layers)
     return num_layers, family.default_exit(config)
 
