@@ -42,7 +42,7 @@ import torch
 from edgekit.devices.profiles import FORMATS, TargetProfile
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
-from edgekit.export.estimates import OnnxPlan, check_export, fit_to_budget, traced_in_half
+from edgekit.export.estimates import OnnxPlan, check_export, fit_to_budget, roomier_target, traced_in_half
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, GRAPH_FILES, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
@@ -194,6 +194,7 @@ def export_artifacts(
                 f"artifacts do not fit target {profile.name}: the {largest.name} set needs {size} "
                 f"({largest.bytes} bytes) but the memory budget is {budget} "
                 f"({profile.memory_budget_bytes} bytes); pick a smaller quantization, model or another target"
+                + roomier_target(config, exit_layer, profile, formats)
             )
         extra: dict[str, Any] = {
             **family.manifest_fields(config),

@@ -9,12 +9,14 @@ Memory, measured on LLaVA-1.5-7B widths (README: Real sizes):
   as it is), else in float32 (onnxruntime's int8 quantizers and float16 conversion read float32 graphs) plus what the
   quantizer loads of the float32 graph.
 
-Artifact bytes per parameter follow from each format's storage (int8: 1 byte; MatMulNBits 4-bit with a scale per 32
-in the traced precision: 0.5625 from float16, 0.625 from float32; llama.cpp Q4_0 4.5 bits, Q4_K_M about 4.85, Q6_K
-6.56, Q8_0 8.5). A target's default ONNX scheme gives way to the next of its options whose sets fit the budget
-(`fitted_scheme`); a request whose largest runtime set is still clearly over the budget is refused, and the export's
-own check of the written files stays the authority. Where no ONNX decoder fits but the hybrid's set does (the ONNX
-vision graph + the language model GGUF), the export writes the vision graph alone for the hybrid runtime.
+Artifact bytes per parameter follow from each format's storage (int8: 1 byte, the vision graph's patch and position
+embeddings staying float32; MatMulNBits 4-bit with a scale per 32 in the traced precision: 0.5625 from float16, 0.625
+from float32; llama.cpp Q4_0 4.5 bits, Q4_K_M about 4.8, Q6_K 6.56, Q8_0 8.5, except that llama.cpp's quantizer keeps
+the output matrix in Q6_K: a 7B's Q4_0 is 3.83 GB, not 3.79). A target's default ONNX scheme gives way to the next of
+its options whose sets fit the budget (`fit_to_budget`); where no ONNX decoder fits but the hybrid's set does (the ONNX
+vision graph + the language model GGUF), the export writes the vision graph alone for the hybrid runtime. A request
+whose largest runtime set is still clearly over the budget is refused, and the export's own check of the written files
+stays the authority.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ONNX_BYTES_PER_PARAM = {
     "int8_qdq": (1, 4, 1),
     "int4": (4, 4, 0.5 + 4 / INT4_BLOCK_SIZE),
 }
-GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q4_k_m": 0.625, "q4_0": 0.5625}
+GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q4_k_m": 0.6, "q4_0": 0.5625}
 
 
 def traced_in_half(dtype: torch.dtype, scheme: str) -> bool:
@@ -96,8 +98,12 @@ def export_needs(
         per_vision, per_embed = min(per_vision, 2), min(per_embed, 2)
         if scheme == "int4":
             per_decoder = 0.5 + 2 / INT4_BLOCK_SIZE
-    vision = vision_params * per_vision
-    lm = language * GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
+    vision = vision_params * per_vision + _vision_embedding_params(config) * (4 - per_vision) * scheme.startswith(
+        "int8"
+    )
+    per_lm = GGUF_BYTES_PER_PARAM[profile.gguf_quantization]
+    per_output = per_lm if profile.gguf_quantization in PYTHON_GGUF_TYPES else max(per_lm, GGUF_BYTES_PER_PARAM["q6_k"])
+    lm = (language - embed) * per_lm + embed * per_output  # the output matrix is as large as the embedding
     sets = {}
     onnx_lm = embed * per_embed + (language - embed) * per_decoder if decoder else 0
     if "onnx" in formats and decoder:
@@ -136,6 +142,15 @@ def export_needs(
     return ExportNeeds({k: int(v) for k, v in sets.items()}, need, why, int(artifacts + max(onnx_work, gguf_work)))
 
 
+def _vision_embedding_params(config) -> int:
+    """The patch and position embeddings of a ViT tower (none for a config without those fields)."""
+    vision = config.vision_config
+    if not all(hasattr(vision, key) for key in ("image_size", "patch_size", "num_channels")):
+        return 0
+    positions = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (vision.num_channels * vision.patch_size**2 + positions) * vision.hidden_size
+
+
 def fit_to_budget(config, exit_layer: int, profile, formats: Sequence[str]) -> OnnxPlan:
     """The ONNX a target gets when no scheme is asked for: its default; where the default's artifacts would be over
     the budget, the first of its `onnx_options` after the default (most precise first) whose would fit; where none
@@ -160,12 +175,13 @@ def fit_to_budget(config, exit_layer: int, profile, formats: Sequence[str]) -> O
     if "gguf" not in formats or hybrid > budget:
         return OnnxPlan(default)
     smallest = min(sizes, key=sizes.__getitem__)
+    if smallest != default:
+        over += f", and with {smallest} about {_decimal(sizes[smallest])}"
     return OnnxPlan(
         default,
         decoder=False,
-        why=f"{over}, and with {smallest} about {_decimal(sizes[smallest])}; exporting the {default} ONNX vision "
-        f"graph alone, for the hybrid runtime with the {profile.gguf_quantization} language model GGUF (about "
-        f"{_decimal(hybrid)})",
+        why=f"{over}; exporting the {default} ONNX vision graph alone, for the hybrid runtime with the "
+        f"{profile.gguf_quantization} language model GGUF (about {_decimal(hybrid)})",
     )
 
 
@@ -188,7 +204,7 @@ def check_export(config, exit_layer: int, profile, formats: Sequence[str], plan:
         gguf = needs.sets.get("gguf", budget + 1)
         fits = name != "gguf" and gguf <= budget
         hint = f"; --formats gguf would fit (about {_decimal(gguf)})" if fits else ""
-        roomier = _roomier_target(config, exit_layer, profile, formats)
+        roomier = roomier_target(config, exit_layer, profile, formats)
         raise UserError(
             f"artifacts would not fit target {profile.name}: the {name} set needs about {_decimal(size)}"
             f" ({scheme if name == 'onnx' else profile.gguf_quantization}) but the memory budget is "
@@ -213,7 +229,7 @@ def check_export(config, exit_layer: int, profile, formats: Sequence[str], plan:
         )
 
 
-def _roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) -> str:
+def roomier_target(config, exit_layer: int, profile, formats: Sequence[str]) -> str:
     """'; target NAME would fit (...)' for the first built-in target of the same kind with a larger budget that fits
     these formats with its own scheme, or ''."""
     budget = profile.memory_budget_bytes

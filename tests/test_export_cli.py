@@ -263,18 +263,18 @@ def test_export_over_budget_writes_nothing(capsys, tiny_checkpoints, tmp_path):
     text = Path(load_profile("phone").source).read_text()
     small = tmp_path / "tiny-phone.toml"
     small.write_text(
-        text.replace("memory_budget_bytes = 4_000_000_000", "memory_budget_bytes = 200_000").replace(
+        text.replace("memory_budget_bytes = 4_000_000_000", "memory_budget_bytes = 100_000").replace(
             'name = "android-arm64"', 'name = "tiny-phone"'
         )
     )
     assert load_profile(str(small)) == dataclasses.replace(
-        load_profile("phone"), name="tiny-phone", memory_budget_bytes=200_000, source=str(small)
+        load_profile("phone"), name="tiny-phone", memory_budget_bytes=100_000, source=str(small)
     )
     out = tmp_path / "out"
     code, _, err = _run(
         capsys, "export", tiny_checkpoints["llava"], "--exit-layer", "3", "--target", str(small), "-o", str(out)
     )
-    _assert_one_line_error(code, err, "tiny-phone", "memory budget is 200.00 KB (200000 bytes)", "needs")
+    _assert_one_line_error(code, err, "tiny-phone", "memory budget is 100.00 KB", "needs")
     _no_output(out)
 
 

@@ -86,24 +86,24 @@ def test_real_width_export_answers_in_every_onnx_runtime(tmp_path):
 
 
 def test_artifacts_too_big_for_the_target_are_refused_from_the_config(tmp_path, capsys):
-    """LLaVA-1.5-7B for the phone (4 GB budget) with int8 ONNX asked for by name: its set is about 6.9 GB, so the
+    """LLaVA-1.5-7B for the phone (4 GB budget): its int8 ONNX set is about 6.9 GB, its int4 one 4.3 GB, and even the
+    hybrid's int8 vision graph beside the Q4_0 GGUF is just over (4.0014 GB estimated; 4.0035 GB written), so the
     export is refused before any weight is read, and the line says what would fit: the language-model GGUF alone
-    (Q4_0, about 3.8 GB), or the 12 GB phone's int4."""
+    (about 3.8 GB), or the 12 GB phone's int4."""
     config, _ = real_config("llava-1.5-7b")
     config.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    args = ["--target", "phone", "--onnx-quantization", "int8_dynamic", "-o", str(out)]
-    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", *args])
+    code = main(["export", str(tmp_path / "model"), "--exit-layer", "12", "--target", "phone", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and not out.exists(), err
-    assert "the onnx set needs about 6.91 GB (int8_dynamic)" in err[0] and "budget is 4.00 GB" in err[0], err
-    assert "--formats gguf would fit (about 3.79 GB)" in err[0], err
+    assert "the onnx set needs about 6.92 GB (int8_dynamic)" in err[0] and "budget is 4.00 GB" in err[0], err
+    assert "--formats gguf would fit (about 3.82 GB)" in err[0], err
     assert "target android-arm64-12gb would fit (int4, about 4.33 GB)" in err[0], err
 
 
 def test_a_target_takes_the_next_onnx_scheme_that_fits_its_budget():
     """LLaVA-1.5-7B for the Jetson Orin Nano (5 GB): its fp16 (13.8 GB) and int8 (7.3 GB) ONNX sets are over the
-    budget, so the target's default becomes int4 (4-bit weights with a float16 scale per 32: 4.33 GB, and 4.56 GB
+    budget, so the target's default becomes int4 (4-bit weights with a float16 scale per 32: 4.33 GB, and 4.42 GB
     for the hybrid's fp16 vision graph + the Q4_K_M GGUF), and the line says why; fp16 asked for by name is refused
     instead. The 4-layer model's fp16 set fits and stays fp16."""
     from edgekit.devices.profiles import load_profile
@@ -116,7 +116,7 @@ def test_a_target_takes_the_next_onnx_scheme_that_fits_its_budget():
     assert plan.scheme == "int4" and plan.decoder, plan
     assert plan.why == (
         "target jetson-orin-nano: with fp16 ONNX the largest runtime set would need about 13.82 GB, over the "
-        "5.00 GB budget; exporting int4 (largest set about 4.56 GB)"
+        "5.00 GB budget; exporting int4 (largest set about 4.42 GB)"
     )
     check_export(config, 12, nano, formats, plan)
     with pytest.raises(UserError, match="the onnx set needs about 13.82 GB"):
@@ -125,20 +125,22 @@ def test_a_target_takes_the_next_onnx_scheme_that_fits_its_budget():
 
 
 def test_a_phone_that_no_onnx_decoder_fits_gets_the_hybrid():
-    """LLaVA-1.5-7B for the 4 GB phone: no ONNX decoder fits (int8 6.91 GB, int4 4.33 GB), but the int8 vision
-    graph beside the Q4_0 language model GGUF does (3.96 GB), so the export writes that and says so; the memory it
-    needs is the model as saved, not a float32 copy."""
+    """LLaVA-1.5-7B for a phone with 4.1 GB for the app: no ONNX decoder fits (int8 6.92 GB, int4 4.33 GB), but the
+    int8 vision graph beside the Q4_0 language model GGUF does (4.00 GB), so the export writes that and says so; the
+    memory it needs is the model as saved, not a float32 copy."""
+    from dataclasses import replace
+
     from edgekit.devices.profiles import load_profile
     from edgekit.export.estimates import check_export, export_needs, fit_to_budget
 
     config, _ = real_config("llava-1.5-7b")
-    phone, formats = load_profile("phone"), ("onnx", "gguf")
+    phone, formats = replace(load_profile("phone"), memory_budget_bytes=4_100_000_000), ("onnx", "gguf")
     plan = fit_to_budget(config, 12, phone, formats)
     assert plan.scheme == "int8_dynamic" and not plan.decoder, plan
     assert plan.why == (
-        "target android-arm64: with int8_dynamic ONNX the largest runtime set would need about 6.91 GB, over the "
-        "4.00 GB budget, and with int4 about 4.33 GB; exporting the int8_dynamic ONNX vision graph alone, for the "
-        "hybrid runtime with the q4_0 language model GGUF (about 3.96 GB)"
+        "target android-arm64: with int8_dynamic ONNX the largest runtime set would need about 6.92 GB, over the "
+        "4.10 GB budget, and with int4 about 4.33 GB; exporting the int8_dynamic ONNX vision graph alone, for the "
+        "hybrid runtime with the q4_0 language model GGUF (about 4.00 GB)"
     )
     needs = export_needs(config, 12, phone, formats, plan.scheme, plan.decoder)
     assert set(needs.sets) == {"gguf", "hybrid"} and needs.memory_why == "holds the model as saved"
