@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of your own benign images for text-only suites")
     p.add_argument("--judge", default="refusal", help=JUDGE_HELP)
     p.add_argument("--limit-per-kind", type=int, help="at most this many items of each kind")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="items per batch at most (default 32); fewer where a batch's activations and KV cache would pass a "
+        "quarter of the weights' bytes (256 MiB for small models)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("-o", "--output", default="scan", metavar="DIR", help="output folder (default: ./scan)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

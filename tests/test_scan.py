@@ -10,8 +10,9 @@ import torch
 from edgekit.cli import main
 from edgekit.model.loading import load
 from edgekit.model.surgery import set_exit_layer
+from edgekit.safety import scan as scan_module
 from edgekit.safety.judges import RefusalJudge
-from edgekit.safety.scan import chat_inputs, generate_per_layer, scan
+from edgekit.safety.scan import batch_for_memory, chat_inputs, generate_per_layer, item_working_set, scan
 from edgekit.safety.suite import builtin_suite
 
 
@@ -35,6 +36,27 @@ def test_scan_runs_on_every_family(family, tiny_checkpoints):
         assert len(layer.answers) == len(items)
         for est in layer.metrics.values():
             assert 0 <= est.low <= est.value <= est.high <= 1
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "mllama"])
+def test_scan_batches_fit_a_share_of_the_weights(family, tiny_checkpoints, monkeypatch):
+    """A scan's batch holds at most as many items as keep its activations and KV cache within a share of the weights'
+    bytes; the batches it takes then are smaller, and the answers the same."""
+    loaded = load(tiny_checkpoints[family], dtype="float32")
+    items = builtin_suite().select("eval", limit_per_kind=2)
+    assert batch_for_memory(loaded, items, [2, 5], 6, limit=4) == 4  # the 256 MiB floor holds any tiny batch
+    full = scan(loaded, items, [2, 5], RefusalJudge(), batch_size=10, max_new_tokens=6)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    item = item_working_set(loaded, items[0], [2, 5], 6)
+    assert 0 < item < scan_module.WORKING_SET_FLOOR / 32
+    monkeypatch.setattr(scan_module, "WORKING_SET_FLOOR", 0)
+    monkeypatch.setattr(scan_module, "WORKING_SET_SHARE", 3.5 * item / weights)  # room for three and a half items
+    assert batch_for_memory(loaded, items, [2, 5], 6, limit=10) == 3
+    small = scan(loaded, items, [2, 5], RefusalJudge(), batch_size=10, max_new_tokens=6)
+    assert (full.vision_forwards, small.vision_forwards) == (1, 4)  # ceil(10 items / 3)
+    assert [[a.response for a in layer.answers] for layer in small.layers] == [
+        [a.response for a in layer.answers] for layer in full.layers
+    ]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "mllama"])

@@ -2,6 +2,12 @@
 
 Efficient by construction: one vision-tower forward per batch of images yields every layer's projected features
 (`Family.features_per_layer`), then each layer's answers come from one batched greedy generation with the KV cache.
+
+Bounded by design: a batch's activations and KV cache grow with the language model's depth and the prompt's length
+(LLaVA-1.5-7B: about 0.5 GiB an item at 680 tokens, so 32 items would need 16 GiB beside 13 GiB of weights), so a
+batch holds at most as many items as keep them within a quarter of the weights' bytes, or 256 MiB for small models
+(`batch_for_memory`). The
+batch size depends on the model only, not on the machine, so a scan's batches are the same everywhere.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import torch
 
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
+from edgekit.model.families import head_dim, text_config
 from edgekit.safety.judges import Judge
 from edgekit.safety.metrics import Estimate, bootstrap_mean
 from edgekit.safety.suite import Item, utility_correct
 
 METRICS = ("asr", "over_refusal", "utility")
+WORKING_SET_SHARE = 0.25  # of the weights' bytes: what one batch's activations and KV cache may take,
+WORKING_SET_FLOOR = 256 << 20  # or this much, for small models, whose process is mostly libraries anyway
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,38 @@ def generate_per_layer(loaded, inputs: dict, layers: Sequence[int], max_new_toke
     return out
 
 
+def batch_for_memory(loaded, items: Sequence[Item], layers: Sequence[int], max_new_tokens: int, limit: int) -> int:
+    """Items per batch: at most `limit`, and no more than keep a batch's working set (`item_working_set` each) within
+    WORKING_SET_SHARE of the weights' bytes or WORKING_SET_FLOOR, whichever is larger (at least one item)."""
+    if not items:
+        return limit
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    allowed = max(WORKING_SET_SHARE * weights, WORKING_SET_FLOOR)
+    return max(1, min(limit, int(allowed // item_working_set(loaded, items[0], layers, max_new_tokens))))
+
+
+def item_working_set(loaded, item: Item, layers: Sequence[int], max_new_tokens: int) -> int:
+    """Bytes one item like `item` adds to a scan batch at its peak, from the config and the item's prompt length: the
+    KV cache of the whole answer, the largest transients of a prefill layer (the attention scores and their softmax;
+    the MLP's gate, up and product), the tower's hidden states of every layer (HF keeps them all) and the projected
+    features of each scanned layer. On 7B widths with 4 LM layers at 680 tokens: 178 MiB, against 200 MiB an item
+    measured (the peak with 5 items a batch less that with 1)."""
+    model = loaded.model
+    prompt = chat_inputs(loaded.processor, [item])["input_ids"]
+    tokens = prompt.shape[1] + max_new_tokens
+    image_tokens = int((prompt == loaded.family.image_token_id(model.config)).sum())
+    text, vision = text_config(model.config), model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2 + 1
+    values = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * head_dim(text) * tokens
+        + 2 * text.num_attention_heads * tokens**2
+        + 3 * tokens * text.intermediate_size
+        + (vision.num_hidden_layers + 1) * max(image_tokens, patches) * vision.hidden_size
+        + len(layers) * image_tokens * text.hidden_size
+    )
+    return values * model.dtype.itemsize
+
+
 def score_layer(layer: int, answers: list[Answer]) -> LayerResult:
     by_metric: dict[str, list[bool]] = {m: [] for m in METRICS}
     by_kind: dict[str, list[bool]] = {}
@@ -98,9 +139,11 @@ def scan(
     max_new_tokens: int = 24,
     progress: Callable[[int], None] | None = None,
 ) -> ScanResult:
-    """Answer every item at every layer, judge the answers, and score each layer."""
+    """Answer every item at every layer, judge the answers, and score each layer; `batch_size` items a batch at most
+    (fewer where memory says so: `batch_for_memory`)."""
     answers: dict[int, list[Answer]] = {k: [] for k in layers}
     forwards = 0
+    batch_size = batch_for_memory(loaded, items, layers, max_new_tokens, batch_size)
     for start in range(0, len(items), batch_size):
         batch = list(items[start : start + batch_size])
         responses = generate_per_layer(loaded, chat_inputs(loaded.processor, batch), layers, max_new_tokens)
