@@ -38,7 +38,7 @@ from edgekit.export.onnx_format import (
     Names,
     float16_graphs,
 )
-from edgekit.machine import available_memory
+from edgekit.machine import available_memory, working_set_allowance
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -111,10 +111,13 @@ def default_session_options():
 
 
 def room_for_float32(folder: Path, graph: str) -> bool:
-    """Whether a float32 copy of `graph`'s float16 weights (twice its files) fits in half the memory available."""
+    """Whether a float32 copy of `graph`'s float16 weights (twice its files) is within the working set allowed beside
+    the folder's weights (`machine.working_set_allowance`: small models only) and half the memory available."""
+    folder = Path(folder)
+    weights = sum(path.stat().st_size for path in folder.glob("*.onnx*"))  # graphs and their .onnx_data
+    copy = 2 * sum(path.stat().st_size for path in folder.glob(graph + "*"))
     available = available_memory()
-    size = sum(path.stat().st_size for path in Path(folder).glob(graph + "*"))  # the graph and its .onnx_data
-    return available is None or 2 * size <= available / 2
+    return copy <= working_set_allowance(weights) and (available is None or copy <= available / 2)
 
 
 def cpu_float16_options(opts):

@@ -1,5 +1,5 @@
-"""What this machine has now, for choices that must fit it: the export's preflight, the runtimes' float16 handling.
-Standard library only, so the device runtimes can read it too."""
+"""What this machine has now, for choices that must fit it: the export's preflight, the runtimes' float16 handling;
+and the house's working-set rule. Standard library only, so the device runtimes can read it too."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+WORKING_SET_SHARE = 0.25  # of the weights' bytes: what a process may hold beside its weights,
+WORKING_SET_FLOOR = 256 << 20  # or this much, for small models, whose process is mostly libraries anyway
+
+
+def working_set_allowance(weight_bytes: int) -> int:
+    """What a process holding `weight_bytes` of weights may hold beside them, by design rather than by what this
+    machine has, so a step does the same everywhere: a scan's batch of activations and KV cache, a runtime's float32
+    copy of float16 weights. A quarter of the weights keeps a process near 1.3x its checkpoint at any size."""
+    return int(max(WORKING_SET_SHARE * weight_bytes, WORKING_SET_FLOOR))

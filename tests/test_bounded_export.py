@@ -17,6 +17,7 @@ from conftest import full_precision_profile
 from test_onnx_export import FAMILY_TYPES, GEN_EXIT, build_inputs
 from test_onnx_quantize import cosine
 
+from edgekit import machine
 from edgekit.devices import onnx_runtime
 from edgekit.devices.onnx_runtime import OnnxVLM
 from edgekit.errors import UserError
@@ -107,11 +108,15 @@ def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, t
     assert "traced in float16" in (folder / DESCRIPTION_FILE).read_text()
 
     full = load(tiny_checkpoints[family], dtype="float32")
-    roomy = OnnxVLM(folder)  # room for onnxruntime's float32 copy of the weights: it folds its casts, the fast way
+    roomy = OnnxVLM(folder)  # a float32 copy within the working set allowed (small): folded, the fast way
     assert roomy.decoder.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     monkeypatch.setattr(onnx_runtime, "available_memory", lambda: 0)
-    vlm = OnnxVLM(folder)  # no room: float16 weights cast per use, not folded into a float32 copy at load
-    for session in (vlm.vision, vlm.embed, vlm.decoder):
+    vlm = OnnxVLM(folder)  # no memory for the copy: float16 weights cast per use, not folded into a float32 copy
+    sessions = [vlm.vision, vlm.embed, vlm.decoder]
+    monkeypatch.undo()
+    monkeypatch.setattr(machine, "WORKING_SET_FLOOR", 0)
+    sessions.append(OnnxVLM(folder).decoder)  # as at real sizes: the decoder's copy is over a quarter of the weights
+    for session in sessions:
         options = session.get_session_options()
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         assert not options.enable_cpu_mem_arena

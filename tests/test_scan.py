@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from edgekit import machine
 from edgekit.cli import main
 from edgekit.model.loading import load
 from edgekit.model.surgery import set_exit_layer
-from edgekit.safety import scan as scan_module
 from edgekit.safety.judges import RefusalJudge
 from edgekit.safety.scan import batch_for_memory, chat_inputs, generate_per_layer, item_working_set, scan
 from edgekit.safety.suite import builtin_suite
@@ -48,9 +48,9 @@ def test_scan_batches_fit_a_share_of_the_weights(family, tiny_checkpoints, monke
     full = scan(loaded, items, [2, 5], RefusalJudge(), batch_size=10, max_new_tokens=6)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     item = item_working_set(loaded, items[0], [2, 5], 6)
-    assert 0 < item < scan_module.WORKING_SET_FLOOR / 32
-    monkeypatch.setattr(scan_module, "WORKING_SET_FLOOR", 0)
-    monkeypatch.setattr(scan_module, "WORKING_SET_SHARE", 3.5 * item / weights)  # room for three and a half items
+    assert 0 < item < machine.WORKING_SET_FLOOR / 32
+    monkeypatch.setattr(machine, "WORKING_SET_FLOOR", 0)
+    monkeypatch.setattr(machine, "WORKING_SET_SHARE", 3.5 * item / weights)  # room for three and a half items
     assert batch_for_memory(loaded, items, [2, 5], 6, limit=10) == 3
     small = scan(loaded, items, [2, 5], RefusalJudge(), batch_size=10, max_new_tokens=6)
     assert (full.vision_forwards, small.vision_forwards) == (1, 4)  # ceil(10 items / 3)

@@ -19,14 +19,13 @@ import torch
 
 from edgekit.devices.runtime import chat_text
 from edgekit.errors import UserError
+from edgekit.machine import working_set_allowance
 from edgekit.model.families import head_dim, text_config
 from edgekit.safety.judges import Judge
 from edgekit.safety.metrics import Estimate, bootstrap_mean
 from edgekit.safety.suite import Item, utility_correct
 
 METRICS = ("asr", "over_refusal", "utility")
-WORKING_SET_SHARE = 0.25  # of the weights' bytes: what one batch's activations and KV cache may take,
-WORKING_SET_FLOOR = 256 << 20  # or this much, for small models, whose process is mostly libraries anyway
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,12 @@ def generate_per_layer(loaded, inputs: dict, layers: Sequence[int], max_new_toke
 
 def batch_for_memory(loaded, items: Sequence[Item], layers: Sequence[int], max_new_tokens: int, limit: int) -> int:
     """Items per batch: at most `limit`, and no more than keep a batch's working set (`item_working_set` each) within
-    WORKING_SET_SHARE of the weights' bytes or WORKING_SET_FLOOR, whichever is larger (at least one item)."""
+    the house's allowance beside the weights (`machine.working_set_allowance`); at least one item."""
     if not items:
         return limit
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    allowed = max(WORKING_SET_SHARE * weights, WORKING_SET_FLOOR)
-    return max(1, min(limit, int(allowed // item_working_set(loaded, items[0], layers, max_new_tokens))))
+    allowed = working_set_allowance(weights)
+    return max(1, min(limit, allowed // item_working_set(loaded, items[0], layers, max_new_tokens)))
 
 
 def item_working_set(loaded, item: Item, layers: Sequence[int], max_new_tokens: int) -> int:
