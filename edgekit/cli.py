@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=32,
         help="items per batch at most (default 32); fewer where a batch's activations and KV cache would pass a "
-        "quarter of the weights' bytes (256 MiB for small models)",
+        "fifth of the weights' bytes (256 MiB for small models)",
     )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("-o", "--output", default="scan", metavar="DIR", help="output folder (default: ./scan)")

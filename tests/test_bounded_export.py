@@ -115,7 +115,7 @@ def test_a_half_precision_model_is_traced_in_float16(family, tiny_checkpoints, t
     sessions = [vlm.vision, vlm.embed, vlm.decoder]
     monkeypatch.undo()
     monkeypatch.setattr(machine, "WORKING_SET_FLOOR", 0)
-    sessions.append(OnnxVLM(folder).decoder)  # as at real sizes: the decoder's copy is over a quarter of the weights
+    sessions.append(OnnxVLM(folder).decoder)  # as at real sizes: the decoder's copy is over a fifth of the weights
     for session in sessions:
         options = session.get_session_options()
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -5,7 +5,7 @@ Efficient by construction: one vision-tower forward per batch of images yields e
 
 Bounded by design: a batch's activations and KV cache grow with the language model's depth and the prompt's length
 (LLaVA-1.5-7B: about 0.5 GiB an item at 680 tokens, so 32 items would need 16 GiB beside 13 GiB of weights), so a
-batch holds at most as many items as keep them within a quarter of the weights' bytes, or 256 MiB for small models
+batch holds at most as many items as keep them within a fifth of the weights' bytes, or 256 MiB for small models
 (`batch_for_memory`). The
 batch size depends on the model only, not on the machine, so a scan's batches are the same everywhere.
 """
