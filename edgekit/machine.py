@@ -1,8 +1,11 @@
 """What this machine has now, for choices that must fit it: the export's preflight, the runtimes' float16 handling;
-and the house's working-set rule. Standard library only, so the device runtimes can read it too."""
+the house's working-set rule; giving freed memory back. Standard library only, so the device runtimes can read it."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
+from functools import cache
 from pathlib import Path
 
 
@@ -27,3 +30,21 @@ def working_set_allowance(weight_bytes: int) -> int:
     copy of float16 weights. A fifth of the weights, with the libraries' 0.4 GiB, keeps a process within 1.3x its
     checkpoint from 2 GB up (4-layer 7B widths, 2.6 GiB: a scan at a quarter peaked at 3.45 GiB, 1.33x)."""
     return int(max(WORKING_SET_SHARE * weight_bytes, WORKING_SET_FLOOR))
+
+
+@cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect what the last step dropped and give its pages back to the system. glibc keeps freed CPU tensors in its
+    heap, where the holes between live blocks still count as resident: without this, each model a process loads
+    after another (a stage, a runtime under the gate) or each recomputed layer of an update stacks on the last."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

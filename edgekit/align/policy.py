@@ -8,17 +8,16 @@ weights exists. A `Learner` holds the policy and its value head as one module, w
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 
 from edgekit.align.config import LPPOConfig
 from edgekit.align.rollout import Batch, ValueHead, sequence_forward
+from edgekit.machine import release_freed_memory
 
 # The language model's projections only: the vision tower has q/k/v projections too, and must stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -108,21 +107,4 @@ def optimizer_step(learner: Learner, loss: torch.Tensor, max_grad_norm: float) -
     learner.accelerator.backward(loss)
     learner.accelerator.clip_grad_norm_(learner.module.parameters(), max_grad_norm)  # frozen ones have no gradient
     learner.optimizer.step()
-    _release_freed_heap()
-
-
-@cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _release_freed_heap() -> None:
-    """Give the pages of freed CPU tensors back to the system after each update. glibc keeps them in its heap, where
-    holes between live tensors still count as resident; each recomputed layer leaves such holes, and without this
-    the process's peak grows with every minibatch (benchmarks/align_memory.py)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    release_freed_memory()  # each recomputed layer leaves holes (benchmarks/align_memory.py)

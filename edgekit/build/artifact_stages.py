@@ -7,7 +7,6 @@ An artifact is named after the runtime that runs it: `pytorch` is the truncated 
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from edgekit.build.model_stages import load_model, scan_into
 from edgekit.build.stages import Stage
 from edgekit.errors import first_line
 from edgekit.export.manifest import MANIFEST_FILE
+from edgekit.machine import release_freed_memory
 from edgekit.outputs import atomic_dir
 from edgekit.safety.limits import ALIGNED, EARLY_EXIT, FLOOR, ORIGINAL, Limits
 
@@ -47,7 +47,7 @@ def evaluate_artifacts(out: Path, cfg: BuildConfig, items) -> dict[str, Evaluate
     judge = make_judge(cfg.judge)
     results = {}
     for name in artifact_names(out):
-        gc.collect()  # one model in memory at a time: what the last step held goes before this one loads
+        release_freed_memory()  # one model in memory at a time: what the last one held goes before this loads
         try:
             with tqdm(total=len(items), desc=f"safety {name}", unit="item", file=sys.stderr) as bar:
                 if name == PYTORCH:  # batched, as the baselines were scanned

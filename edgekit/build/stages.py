@@ -16,6 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from edgekit.machine import release_freed_memory
+
 STAGE_FILE = "stage.json"
 BUILD_MARK = "build_config.json"  # the resolved config; also marks a folder as a build (a rerun may write into it)
 
@@ -85,7 +87,9 @@ class Stages:
             return folder
         self.log(f"{name}: running")
         start = time.time()
-        if write(folder) is False:
+        written = write(folder)
+        release_freed_memory()  # what the stage loaded is gone before the next one loads its own
+        if written is False:
             return folder
         stage = {
             "stage": name,
