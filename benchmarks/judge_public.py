@@ -10,10 +10,13 @@ model output. Each human label maps to edgekit's refusal / compliance:
   `refusal_extra.csv`; MIT): `human_score` 1 (refused; PyRIT counts an off-topic answer as one) -> refusal.
 - PyRIT's objective scorer evals (the same wheel, `scorer_evals/objective/*.csv`; MIT): `human_score` 1 (the harmful
   objective achieved) -> compliance.
+- HarmBench's classifier validation set (github centerforaisafety/HarmBench,
+  `data/classifier_val_sets/text_behaviors_val_set.json`; MIT): 602 completions of 23 models under 10 attacks, each
+  labelled by 3 annotators; a majority for "the completion is an instance of the behaviour" -> compliance.
 
 Only the first 200 rows of the JailbreakBench file are used: its last 100 are XSTest prompts labelled for harm, not
 refusal, and XSTest's completions are kept for an independent check. Rows repeated within or across the PyRIT files
-count once. None of the sources records which model answered, so there is no per-model table.
+count once. HarmBench's set alone records which model answered: a second table gives agreement per model there.
 
 Prints, per source and judge: n, agreement with a Wilson 95% interval, recall on each human label, the share each
 calls compliance (the ASR it would report) beside the humans' share, and, for JailbreakBench, the published judges'
@@ -39,6 +42,9 @@ JBB_JAILBREAK_ROWS = 200  # the rows after these are XSTest prompts
 JBB_PUBLISHED = {"harmbench_cf": "HarmBench classifier", "gpt4_cf": "GPT-4", "llama3_cf": "Llama-3-70B",
                  "llamaguard2_cf": "Llama Guard 2"}  # fmt: skip
 PYRIT_REFUSAL_FILES = ("refusal.csv", "refusal_extra.csv")
+HARMBENCH_FILE = "text_behaviors_val_set.json"
+HARMBENCH_PUBLISHED = {"cls": "HarmBench classifier", "gpt-4-0613": "GPT-4", "llama_guard": "Llama Guard"}
+HARMBENCH_ANNOTATORS = ("human_0", "human_1", "human_2")
 Z95 = 1.96
 
 
@@ -68,7 +74,7 @@ def _key(row: dict) -> tuple[str, str]:
 
 
 def load_sources(folder: Path) -> dict[str, list[dict]]:
-    """{source: [{prompt, response, label (edgekit's), published (JailbreakBench: the judges in the file)}]}."""
+    """{source: [{prompt, response, label (edgekit's), published (the file's own judges), model (HarmBench)}]}."""
     jbb = [
         {
             "prompt": r["prompt"],
@@ -84,7 +90,34 @@ def load_sources(folder: Path) -> dict[str, list[dict]]:
     refusal = list({_key(r): r for r in refusal}.values())
     seen = {_key(r) for r in refusal}
     objective = [r for r in {_key(r): r for r in objective}.values() if _key(r) not in seen]
-    return {"JailbreakBench judge comparison": jbb, "PyRIT refusal": refusal, "PyRIT objective": objective}
+    return {
+        "JailbreakBench judge comparison": jbb,
+        "PyRIT refusal": refusal,
+        "PyRIT objective": objective,
+        "HarmBench classifier val": _harmbench_rows(_one(folder, HARMBENCH_FILE)),
+    }
+
+
+def _harmbench_rows(path: Path) -> list[dict]:
+    return [
+        {
+            "prompt": r["test_case"],
+            "response": r["generation"],
+            "label": COMPLIANCE if sum(int(r[h]) for h in HARMBENCH_ANNOTATORS) >= 2 else REFUSAL,
+            "published": {name: int(r[col]) == 1 for col, name in HARMBENCH_PUBLISHED.items() if col in r},
+            "model": _generator(r),
+        }
+        for records in json.loads(path.read_text()).values()
+        for r in records
+    ]
+
+
+def _generator(record: dict) -> str:
+    """The model that wrote the completion: its experiment's name, or the results file's ("llama2_13b.json") where
+    the experiment is the "default" one."""
+    if record.get("experiment", "default") != "default":
+        return record["experiment"]
+    return record.get("model", "").removesuffix(".json") or "unknown"
 
 
 def _pyrit_rows(paths, label_of_one: str) -> list[dict]:
@@ -135,10 +168,27 @@ def measure(sources: dict[str, list[dict]], judges) -> dict:
         for judge in judges:
             verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
             out[source][judge.name] = scores([v.label for v in verdicts], rows)
-        for name in JBB_PUBLISHED.values():
+        for name in dict.fromkeys([*JBB_PUBLISHED.values(), *HARMBENCH_PUBLISHED.values()]):
             if all(name in r.get("published", {}) for r in rows):
                 called = [COMPLIANCE if r["published"][name] else REFUSAL for r in rows]
                 out[source][f"{name} (published)"] = scores(called, rows)
+    return out
+
+
+def per_model(sources: dict[str, list[dict]], judges) -> dict:
+    """{source: {model: {judge: agreement, "n": rows}}} for the sources that record the answering model."""
+    out = {}
+    for source, rows in sources.items():
+        if not all("model" in r for r in rows):
+            continue
+        calls = {j.name: [v.label for v in j.judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
+                 for j in judges}  # fmt: skip
+        out[source] = {}
+        for model in sorted({r["model"] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r["model"] == model]
+            out[source][model] = {"n": len(idx)} | {
+                name: sum(called[i] == rows[i]["label"] for i in idx) / len(idx) for name, called in calls.items()
+            }
     return out
 
 
@@ -164,18 +214,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_per_model(results: dict) -> str:
+    lines = []
+    for source, models in results.items():
+        names = [k for k in next(iter(models.values())) if k != "n"]
+        lines += [f"| {source}: model | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += [f"| {m} | {s['n']} | " + " | ".join(f"{s[n]:.3f}" for n in names) + " |" for m, s in models.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise SystemExit(__doc__)
     sources = load_sources(Path(argv[1]))
     judges = [RefusalJudge(), KeywordJudge()]
     results = measure(sources, judges)
-    print(markdown(results))
+    models = per_model(sources, judges)
+    print(markdown(results), markdown_per_model(models), sep="\n\n")
     every = [r for rows in sources.values() for r in rows]
     timing = {judge.name: seconds_per_thousand(judge, every) for judge in judges}
     print("seconds per 1,000 answers: " + ", ".join(f"{name} {s:.2f}" for name, s in timing.items()))
     if len(argv) > 2:
-        Path(argv[2]).write_text(json.dumps({"agreement": results, "seconds_per_1000": timing}, indent=2) + "\n")
+        Path(argv[2]).write_text(
+            json.dumps({"agreement": results, "per_model": models, "seconds_per_1000": timing}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

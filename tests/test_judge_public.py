@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,14 @@ def test_sources_map_labels_and_keep_only_what_counts(tmp_path):
          comment="# dataset_version=1.2\n")  # fmt: skip
     _csv(pyrit / "refusal_scorer" / "refusal_extra.csv", head, [["r", COMPLY, 0, "text"]])
     _csv(pyrit / "objective" / "cyber.csv", head, [["r", COMPLY, 1, "text"], ["s", REFUSE, 0, "text"]])
+    harmbench = tmp_path / "harmbench" / "data" / "classifier_val_sets" / "text_behaviors_val_set.json"
+    harmbench.parent.mkdir(parents=True)
+    record = {"test_case": "t", "experiment": "default", "cls": 1, "gpt-4-0613": 0, "llama_guard": 0}
+    harmbench.write_text(json.dumps({"b1": [
+        {**record, "generation": COMPLY, "model": "zephyr_7b.json", "human_0": 1, "human_1": 1, "human_2": 0},
+        {**record, "generation": REFUSE, "model": "x.json", "experiment": "llama2_7b", "human_0": 1, "human_1": 0,
+         "human_2": 0},
+    ]}))  # fmt: skip
 
     sources = bench.load_sources(tmp_path)
     jbb_rows = sources["JailbreakBench judge comparison"]
@@ -49,7 +58,19 @@ def test_sources_map_labels_and_keep_only_what_counts(tmp_path):
     assert [(r["prompt"], r["label"]) for r in sources["PyRIT refusal"]] == [("q", REFUSAL), ("r", COMPLIANCE)]
     assert [(r["prompt"], r["label"]) for r in sources["PyRIT objective"]] == [("s", REFUSAL)]  # r: in the refusal set
 
+    hb = sources["HarmBench classifier val"]
+    assert [(r["label"], r["model"]) for r in hb] == [(COMPLIANCE, "zephyr_7b"), (REFUSAL, "llama2_7b")]  # 2 of 3
+
     results = bench.measure(sources, [bench.RefusalJudge()])
+    assert results["HarmBench classifier val"]["HarmBench classifier (published)"]["agreement"] == 0.5
+    assert set(results["HarmBench classifier val"]) == {"refusal-rules", "HarmBench classifier (published)",
+                                                         "GPT-4 (published)", "Llama Guard (published)"}  # fmt: skip
+    assert bench.per_model(sources, [bench.RefusalJudge()]) == {
+        "HarmBench classifier val": {
+            "llama2_7b": {"n": 1, "refusal-rules": 1.0},
+            "zephyr_7b": {"n": 1, "refusal-rules": 1.0},
+        }
+    }
     assert results["JailbreakBench judge comparison"]["refusal-rules"]["agreement"] == 1.0
     assert results["JailbreakBench judge comparison"]["GPT-4 (published)"]["agreement"] == 0.5  # says 1 throughout
     assert results["JailbreakBench judge comparison"]["HarmBench classifier (published)"]["agreement"] == 1.0
