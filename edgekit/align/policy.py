@@ -107,4 +107,5 @@ def optimizer_step(learner: Learner, loss: torch.Tensor, max_grad_norm: float) -
     learner.accelerator.backward(loss)
     learner.accelerator.clip_grad_norm_(learner.module.parameters(), max_grad_norm)  # frozen ones have no gradient
     learner.optimizer.step()
-    release_freed_memory()  # each recomputed layer leaves holes (benchmarks/align_memory.py)
+    # each recomputed layer leaves holes (benchmarks/align_memory.py); a collection per update would cost 0.1 s
+    release_freed_memory(collect=False)
