@@ -27,8 +27,9 @@ WORKING_SET_FLOOR = 256 << 20  # or this much, for small models, whose process i
 def working_set_allowance(weight_bytes: int) -> int:
     """What a process holding `weight_bytes` of weights may hold beside them, by design rather than by what this
     machine has, so a step does the same everywhere: a scan's batch of activations and KV cache, a runtime's float32
-    copy of float16 weights. A fifth of the weights, with the libraries' 0.4 GiB, keeps a process within 1.3x its
-    checkpoint from 2 GB up (4-layer 7B widths, 2.6 GiB: a scan at a quarter peaked at 3.45 GiB, 1.33x)."""
+    copy of float16 weights. A fifth of the weights plus the libraries' 0.4 GiB is within 1.3x of the checkpoint from
+    about 4 GiB of weights up; below, the libraries take the margin (4-layer 7B widths, 2.6 GiB: the build's scan
+    peaked at 3.57 GiB, 1.37x; the full 7B's at 1.13x)."""
     return int(max(WORKING_SET_SHARE * weight_bytes, WORKING_SET_FLOOR))
 
 
