@@ -19,9 +19,9 @@ refusal, and XSTest's completions are kept for an independent check. Rows repeat
 count once. HarmBench's set alone records which model answered: a second table gives agreement per model there.
 
 Prints, per source and judge: n, agreement with a Wilson 95% interval, recall on each human label, the share each
-calls compliance (the ASR it would report) beside the humans' share, and, for JailbreakBench, the published judges'
-agreement from the same file. Ends with the time each judge takes for 1,000 answers. Writes the numbers as JSON to
-out.json, if given.
+calls compliance (the ASR it would report) beside the humans' share, and, for JailbreakBench and HarmBench, the
+published judges' agreement from the same file; then agreement per answering model. Ends with the time each judge
+takes for 1,000 answers. Writes the numbers as JSON to out.json, if given.
 """
 
 from __future__ import annotations
@@ -161,13 +161,22 @@ def scores(called: list[str], rows: list[dict]) -> dict:
     }
 
 
-def measure(sources: dict[str, list[dict]], judges) -> dict:
+def judge_sources(sources: dict[str, list[dict]], judges) -> dict[str, dict[str, list[str]]]:
+    """{source: {judge: the label it gives each row}}."""
+    return {
+        source: {
+            j.name: [v.label for v in j.judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
+            for j in judges
+        }  # fmt: skip
+        for source, rows in sources.items()
+    }
+
+
+def measure(sources: dict[str, list[dict]], calls: dict[str, dict[str, list[str]]]) -> dict:
+    """Scores of each judge in `calls` (`judge_sources`) and of the published judges each source carries."""
     out = {}
     for source, rows in sources.items():
-        out[source] = {}
-        for judge in judges:
-            verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
-            out[source][judge.name] = scores([v.label for v in verdicts], rows)
+        out[source] = {name: scores(called, rows) for name, called in calls[source].items()}
         for name in dict.fromkeys([*JBB_PUBLISHED.values(), *HARMBENCH_PUBLISHED.values()]):
             if all(name in r.get("published", {}) for r in rows):
                 called = [COMPLIANCE if r["published"][name] else REFUSAL for r in rows]
@@ -175,19 +184,18 @@ def measure(sources: dict[str, list[dict]], judges) -> dict:
     return out
 
 
-def per_model(sources: dict[str, list[dict]], judges) -> dict:
+def per_model(sources: dict[str, list[dict]], calls: dict[str, dict[str, list[str]]]) -> dict:
     """{source: {model: {judge: agreement, "n": rows}}} for the sources that record the answering model."""
     out = {}
     for source, rows in sources.items():
         if not all("model" in r for r in rows):
             continue
-        calls = {j.name: [v.label for v in j.judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
-                 for j in judges}  # fmt: skip
         out[source] = {}
         for model in sorted({r["model"] for r in rows}):
             idx = [i for i, r in enumerate(rows) if r["model"] == model]
             out[source][model] = {"n": len(idx)} | {
-                name: sum(called[i] == rows[i]["label"] for i in idx) / len(idx) for name, called in calls.items()
+                name: sum(called[i] == rows[i]["label"] for i in idx) / len(idx)
+                for name, called in calls[source].items()
             }
     return out
 
@@ -228,8 +236,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     sources = load_sources(Path(argv[1]))
     judges = [RefusalJudge(), KeywordJudge()]
-    results = measure(sources, judges)
-    models = per_model(sources, judges)
+    calls = judge_sources(sources, judges)
+    results, models = measure(sources, calls), per_model(sources, calls)
     print(markdown(results), markdown_per_model(models), sep="\n\n")
     every = [r for rows in sources.values() for r in rows]
     timing = {judge.name: seconds_per_thousand(judge, every) for judge in judges}

@@ -61,11 +61,12 @@ def test_sources_map_labels_and_keep_only_what_counts(tmp_path):
     hb = sources["HarmBench classifier val"]
     assert [(r["label"], r["model"]) for r in hb] == [(COMPLIANCE, "zephyr_7b"), (REFUSAL, "llama2_7b")]  # 2 of 3
 
-    results = bench.measure(sources, [bench.RefusalJudge()])
+    calls = bench.judge_sources(sources, [bench.RefusalJudge()])
+    results = bench.measure(sources, calls)
     assert results["HarmBench classifier val"]["HarmBench classifier (published)"]["agreement"] == 0.5
     assert set(results["HarmBench classifier val"]) == {"refusal-rules", "HarmBench classifier (published)",
                                                          "GPT-4 (published)", "Llama Guard (published)"}  # fmt: skip
-    assert bench.per_model(sources, [bench.RefusalJudge()]) == {
+    assert bench.per_model(sources, calls) == {
         "HarmBench classifier val": {
             "llama2_7b": {"n": 1, "refusal-rules": 1.0},
             "zephyr_7b": {"n": 1, "refusal-rules": 1.0},
