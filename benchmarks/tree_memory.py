@@ -13,12 +13,15 @@ high-water mark (`/usr/bin/time -v`) for the largest single process.
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-GIB = 2**30
+from edgekit.devices.bench import status_mib
+
+MIB_PER_GIB = 1024
 
 
 def _children(pid: int) -> list[int]:
@@ -28,22 +31,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree_rss(root: int) -> tuple[int, int]:
-    """(processes, bytes resident) of `root` and its descendants now."""
-    todo, count, total = [root], 0, 0
+def tree_rss(root: int) -> tuple[int, float]:
+    """(processes, MiB resident) of `root` and its descendants now."""
+    todo, count, total = [root], 0, 0.0
     while todo:
         pid = todo.pop()
-        count, total = count + 1, total + _rss(pid)
+        rss = status_mib("VmRSS", pid)  # NaN: ended since its parent listed it, or a zombie
+        count, total = count + 1, total + (0.0 if math.isnan(rss) else rss)
         todo += _children(pid)
     return count, total
 
@@ -65,10 +59,10 @@ def main() -> None:
             elapsed = time.monotonic() - start
             if total > peak:
                 peak, peak_at = total, elapsed
-            timeline.write(f"{elapsed:.0f} {count} {total / GIB:.3f}\n")
+            timeline.write(f"{elapsed:.0f} {count} {total / MIB_PER_GIB:.3f}\n")
             timeline.flush()
             time.sleep(args.every)
-    print(f"peak {peak / GIB:.2f} GiB at {peak_at:.0f} s of {time.monotonic() - start:.0f} s", file=sys.stderr)
+    print(f"peak {peak / MIB_PER_GIB:.2f} GiB at {peak_at:.0f} s of {time.monotonic() - start:.0f} s", file=sys.stderr)
     sys.exit(proc.returncode)
 
 

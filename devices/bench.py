@@ -42,9 +42,13 @@ _REPLY = "@@"  # marks the harness's lines on the measurement process's stdout
 _PROCESSOR = ("tokenizers", "jinja2", "PIL.Image", "edgekit.devices.processor")
 
 
-def status_mib(field: str) -> float:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM) in MiB; NaN where the field or the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # the process ended
+        return float("nan")
+    for line in lines:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
