@@ -46,6 +46,7 @@ from edgekit.export.estimates import OnnxPlan, check_export, fit_to_budget, room
 from edgekit.export.manifest import FileEntry, file_entry, write_manifest
 from edgekit.export.onnx_format import DECODER_FILE, GENAI_EMBED_FILE, GRAPH_FILES, VISION_FILE
 from edgekit.export.quantizations import PYTHON_GGUF_TYPES
+from edgekit.machine import release_freed_memory
 from edgekit.model.families import attr_path
 from edgekit.model.surgery import check_exit_layer
 from edgekit.outputs import atomic_dir, check_output_dir, save_processor
@@ -161,6 +162,7 @@ def export_artifacts(
     scheme = plan.scheme
     entries: list[FileEntry] = []
     onnx_dir = lm_name = mmproj_name = genai_dir = None
+    genai_files: list[str] = []
     with atomic_dir(out_dir, overwrite) as tmp:
         work = tmp / _WORK_DIR
         work.mkdir()
@@ -171,10 +173,11 @@ def export_artifacts(
         if "onnx" in formats:
             onnx_dir = f"onnx-k{exit_layer}-{scheme}"
             _write_onnx(loaded, exit_layer, profile, plan, tmp / onnx_dir, work, calibration_inputs)
+            release_freed_memory()  # the tracer's and quantizers' garbage, before the model's next reader
             if plan.decoder and not family.ortgenai_unsupported:
                 from edgekit.export.genai import write_genai
 
-                write_genai(tmp / onnx_dir)
+                genai_files = [f"{onnx_dir}/{name}" for name in write_genai(tmp / onnx_dir)]
                 genai_dir = onnx_dir
             entries += [
                 file_entry(tmp, p, "onnx" if p.suffix == ".onnx" else p.suffix.lstrip("."), scheme)
@@ -186,7 +189,7 @@ def export_artifacts(
             entries.append(file_entry(tmp, mmproj_name, "gguf", profile.mmproj_quantization))
         shutil.rmtree(work)
         entries += _write_processor(loaded, tmp / PROCESSOR_DIR)
-        sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name, genai_dir)
+        sets = _runtime_sets(entries, onnx_dir, lm_name, mmproj_name, genai_files)
         largest = max(sets, key=lambda s: s.bytes)
         if largest.bytes > profile.memory_budget_bytes:
             size, budget = (human_bytes(n, "decimal") for n in (largest.bytes, profile.memory_budget_bytes))
@@ -333,7 +336,7 @@ def _write_processor(loaded, out: Path) -> list[FileEntry]:
     return [file_entry(out.parent, p, "processor", "none") for p in sorted(out.rglob("*")) if p.is_file()]
 
 
-def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name, genai_dir) -> list[RuntimeSet]:
+def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name, genai_files) -> list[RuntimeSet]:
     size = {e.path: e.bytes for e in entries}
     candidates: list[tuple[str, list[str]]] = []
     if onnx_dir and f"{onnx_dir}/{DECODER_FILE}" in size:  # else the vision graph alone, for the hybrid
@@ -344,9 +347,8 @@ def _runtime_sets(entries: list[FileEntry], onnx_dir, lm_name, mmproj_name, gena
     if lm_name and onnx_dir:
         vision = [p for p in size if p.startswith(f"{onnx_dir}/vision_encoder") or p.endswith(".npy")]
         candidates.append(("hybrid", [*vision, lm_name]))
-    if genai_dir:
-        graphs = [f"{genai_dir}/{name}" for name in (VISION_FILE, GENAI_EMBED_FILE, DECODER_FILE)]
-        candidates.append(("ortgenai", [p for g in graphs for p in (g, f"{g}_data") if p in size]))
+    if genai_files:
+        candidates.append(("ortgenai", genai_files))
     if not candidates and lm_name:
         candidates.append(("gguf", [lm_name]))
     return [RuntimeSet(name, tuple(sorted(paths)), sum(size[p] for p in paths)) for name, paths in candidates]

@@ -127,11 +127,9 @@ def export_needs(
                 (int(ONNX_PEAK_PER_FP32_BYTE * 4 * total), "holds the model in float32 (the quantizers read it)")
             )
 
-    # The artifacts (the ONNX folder with onnxruntime-genai's copy of the embedding, the GGUF files) plus the larger
-    # intermediate (the traced graphs a quantizer reads; the GGUF in the checkpoint's precision that llama.cpp
-    # quantizes), each removed once used.
-    genai_embed = embed * per_embed if decoder else 0  # onnxruntime-genai's copy of the embedding
-    artifacts = (vision + onnx_lm + genai_embed if "onnx" in formats else 0) + sets.get("gguf", 0)
+    # The artifacts (the ONNX folder, the GGUF files) plus the larger intermediate (the traced graphs a quantizer
+    # reads; the GGUF in the checkpoint's precision that llama.cpp quantizes), each removed once used.
+    artifacts = (vision + onnx_lm if "onnx" in formats else 0) + sets.get("gguf", 0)
     traced = 0 if scheme == "fp32" or (half and scheme == "fp16") else (2 if half else 4) * total
     traced = traced if decoder else 4 * vision_params
     onnx_work = traced if "onnx" in formats else 0

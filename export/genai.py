@@ -7,8 +7,9 @@ onnxruntime-genai's multimodal pipeline (`MultiModalPipelineState`, src/models/m
 then the embedding graph with `image_features`, then the decoder, with no host step between them, so the merge edgekit's
 own runtime does in numpy (image features replace, in order, the embeddings at `input_ids == image_token_id`) lives in
 the embedding graph. After the prompt it feeds an empty `[images, 0, hidden]` image_features, which merges nothing.
-`embed_tokens.onnx` stays as it is, so the three-file contract of edgekit's runtimes is unchanged; the embedding
-table is stored twice.
+`embed_tokens.onnx` stays as it is, so the three-file contract of edgekit's runtimes is unchanged. Its table is in
+`embed_tokens.onnx_data`, and the merged graph points at that same file: the table is stored once and never loaded
+here (at Llama-3.2-11B's vocabulary it is 1 GB).
 
 There is no LLaVA model type in onnxruntime-genai (src/models/model_type.h). The pipeline is generic, and the type
 only chooses the C++ prompt processor, which edgekit does not use: the host tokenizes with the model's own processor,
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.export.onnx_data import data_file, graph_files
 from edgekit.export.onnx_format import (
     DECODER_FILE,
     DESCRIPTION_FILE,
@@ -38,7 +40,6 @@ from edgekit.export.onnx_format import (
 )
 
 MODEL_TYPE = "gemma3"
-GENAI_FILES = (GENAI_CONFIG_FILE, GENAI_EMBED_FILE)
 _TOKEN_EMBEDS = "token_embeds"  # embed_tokens.onnx's own output, renamed inside the merged graph
 
 
@@ -140,15 +141,17 @@ def merged_embedding(embed: onnx.ModelProto, image_token_id: int, hidden: int, f
     return embed
 
 
-def write_genai(folder) -> tuple[str, ...]:
-    """Write GENAI_FILES into an ONNX folder (LLaVA-1.5 layout: image features merged at image tokens)."""
+def write_genai(folder) -> list[str]:
+    """Write genai_config.json and genai_embedding.onnx into an ONNX folder (LLaVA-1.5 layout: image features merged
+    at image tokens); return the names of the weight files onnxruntime-genai loads from it."""
     folder = Path(folder)
     desc = json.loads((folder / DESCRIPTION_FILE).read_text())
-    vision = onnx.load(str(folder / VISION_FILE), load_external_data=False)
-    features_type = _elem_type(vision.graph.output, Names.IMAGE_FEATURES)
-    embed = onnx.load(str(folder / EMBED_FILE))
+    features = next(o for o in desc["graphs"][VISION_FILE]["outputs"] if o["name"] == Names.IMAGE_FEATURES)
+    features_type = helper.np_dtype_to_tensor_dtype(np.dtype(features["dtype"]))
+    embed = onnx.load(str(folder / EMBED_FILE), load_external_data=False)  # the table stays in its file
     merged = merged_embedding(embed, desc["image_token_id"], desc["decoder"]["hidden_size"], features_type)
-    onnx.checker.check_model(merged)
     onnx.save(merged, str(folder / GENAI_EMBED_FILE))
+    onnx.checker.check_model(str(folder / GENAI_EMBED_FILE))
     (folder / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(desc), indent=2))
-    return GENAI_FILES
+    embedding = [folder / GENAI_EMBED_FILE, data_file(folder / EMBED_FILE)]
+    return [p.name for p in (*graph_files(folder / VISION_FILE), *embedding, *graph_files(folder / DECODER_FILE))]

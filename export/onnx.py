@@ -28,7 +28,8 @@ past + sequence = total relation spelled out. The 4-D additive attention mask is
 `attention_mask`, so no mask-building branch of transformers is frozen into the trace.
 
 Weights: traced without them (`export_params=False`), then written from the model a tensor at a time by
-`edgekit.export.onnx_data.attach_weights` (past 2 GiB, into `<graph>_data`). A float16 model is traced in float16
+`edgekit.export.onnx_data.attach_weights` (past 2 GiB, into `<graph>_data`; the embedding table always, so that
+onnxruntime-genai's embedding graph can share its file). A float16 model is traced in float16
 behind float32 inputs and outputs, the contract of every folder.
 """
 
@@ -144,7 +145,16 @@ class _Float32Interface(nn.Module):
 
 
 # --- export ------------------------------------------------------------------------------------------------------
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, opset: int):
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict,
+    opset: int,
+    external: bool = False,
+):
     if next(module.parameters()).dtype != torch.float32:
         module = _Float32Interface(module)
     with warnings.catch_warnings(), torch.no_grad():
@@ -161,7 +171,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
             do_constant_folding=False,  # folding would hide which weight a transposed copy came from
             dynamo=False,
         )
-    attach_weights(path, module)
+    attach_weights(path, module, external)
 
 
 def _export_vision(vision: nn.Module, inputs: dict, family: Family, path: Path, opset: int) -> None:
@@ -182,7 +192,8 @@ def _export_embed(model, path: Path, opset: int) -> None:
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
     dims = {0: "batch_size", 1: "sequence_length"}
     axes = {n.INPUT_IDS: dims, n.INPUTS_EMBEDS: dims}
-    _export(_Embed(model), (ids,), path, [n.INPUT_IDS], [n.INPUTS_EMBEDS], axes, opset)
+    # The table always lives outside the graph: onnxruntime-genai's embedding graph points at the same data file.
+    _export(_Embed(model), (ids,), path, [n.INPUT_IDS], [n.INPUTS_EMBEDS], axes, opset, external=True)
 
 
 def _export_decoder(model, family: Family, cross_states: torch.Tensor | None, path: Path, opset: int) -> None:

@@ -32,10 +32,10 @@ def has_external_data(graph: Path) -> bool:
     return any(uses_external_data(t) for t in model.graph.initializer)
 
 
-def attach_weights(graph: Path, module: torch.nn.Module) -> None:
+def attach_weights(graph: Path, module: torch.nn.Module, external: bool = False) -> None:
     """Give a graph exported without its weights (`export_params=False`) the module's parameters and buffers, written
-    a tensor at a time: inside the graph while the whole stays under protobuf's 2 GiB, else into `<graph>_data`, so
-    memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is stored transposed
+    a tensor at a time: inside the graph while the whole stays under protobuf's 2 GiB (unless `external`), else into
+    `<graph>_data`, so memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is stored transposed
     instead (the folding the exporter does when it owns the weights), so MatMuls read it directly and the
     quantizers find their weights as initializers."""
     model = onnx.load(str(graph))
@@ -61,7 +61,7 @@ def attach_weights(graph: Path, module: torch.nn.Module) -> None:
     for node in nodes:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
-    external = sum(t.numel() * t.element_size() for t, _ in stored.values()) > INLINE_LIMIT
+    external = external or sum(t.numel() * t.element_size() for t, _ in stored.values()) > INLINE_LIMIT
     with InitializerWriter(model, graph, external) as writer:
         for name, (tensor, transposed) in stored.items():
             array = tensor.detach().cpu().numpy()

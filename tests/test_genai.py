@@ -12,9 +12,11 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import full_precision_profile
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from edgekit.devices.bench import bench_in_subprocess
 from edgekit.devices.onnx_runtime import OnnxVLM
@@ -23,7 +25,8 @@ from edgekit.devices.torch_runtime import TorchRuntime
 from edgekit.errors import UserError
 from edgekit.export.artifacts import export_artifacts
 from edgekit.export.manifest import read_manifest
-from edgekit.export.onnx_format import GENAI_CONFIG_FILE, GENAI_EMBED_FILE, Names
+from edgekit.export.onnx_data import data_file
+from edgekit.export.onnx_format import EMBED_FILE, GENAI_CONFIG_FILE, GENAI_EMBED_FILE, Names
 from edgekit.export.quantizations import ONNX_SCHEMES
 from edgekit.model.loading import load
 from edgekit.safety.suite import builtin_suite
@@ -108,6 +111,13 @@ def test_merged_embedding_equals_host_merge(llava, fp32_k12):
     np.testing.assert_array_equal(
         merged.run(None, {Names.INPUT_IDS: token, Names.IMAGE_FEATURES: empty})[0], vlm.embed_ids(token)
     )
+    # one table on disk: both embedding graphs read embed_tokens.onnx_data, and the ortgenai set counts it
+    shared = data_file(folder / EMBED_FILE).name
+    table = onnx.load(str(folder / GENAI_EMBED_FILE), load_external_data=False).graph.initializer
+    assert {ExternalDataInfo(t).location for t in table if uses_external_data(t)} == {shared}
+    assert not data_file(folder / GENAI_EMBED_FILE).exists() and (folder / GENAI_EMBED_FILE).stat().st_size < 100_000
+    genai_set = next(s for s in fp32_k12.runtime_sets if s.name == "ortgenai")
+    assert f"{fp32_k12.onnx_dir}/{shared}" in genai_set.paths
     config = json.loads((folder / GENAI_CONFIG_FILE).read_text())
     assert config["model"]["embedding"]["filename"] == GENAI_EMBED_FILE
     assert config["search"]["past_present_share_buffer"] is False
