@@ -35,9 +35,9 @@ def has_external_data(graph: Path) -> bool:
 def attach_weights(graph: Path, module: torch.nn.Module, external: bool = False) -> None:
     """Give a graph exported without its weights (`export_params=False`) the module's parameters and buffers, written
     a tensor at a time: inside the graph while the whole stays under protobuf's 2 GiB (unless `external`), else into
-    `<graph>_data`, so memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is stored transposed
-    instead (the folding the exporter does when it owns the weights), so MatMuls read it directly and the
-    quantizers find their weights as initializers."""
+    `<graph>_data`, so memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is
+    stored transposed instead (the folding the exporter does when it owns the weights), so MatMuls read it directly
+    and the quantizers find their weights as initializers."""
     model = onnx.load(str(graph))
     nodes, tensors = model.graph.node, {**dict(module.named_parameters()), **dict(module.named_buffers())}
     users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
