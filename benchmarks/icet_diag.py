@@ -21,6 +21,11 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
   (utility questions excluded: their answers depend on the picture), labelled by the refusal judge; at each position
   the most common next token of each side is followed until they differ. So the margin reads the model's usual
   opening of each answer, not its whole refusal mass; `--refusal/--compliance` give the two answers instead.
+
+Probes: the same row for tokens made from the default layer's, asking where an early exit's tokens would have to land
+to move the margin (`PROBES`). A language model that refuses on the request's words alone shows the same margins on
+every probe; one whose refusal reads the picture moves on some of them, and the layer rows then tell whether the
+tower's early layers go there.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from edgekit.devices.runtime import until_eos
-from edgekit.model.families import eos_ids
+from edgekit.model.families import attr_path, eos_ids
 from edgekit.model.loading import load
 from edgekit.model.surgery import num_exit_layers
 from edgekit.safety.judges import RefusalJudge
@@ -108,8 +113,8 @@ def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
 
 
-def layer_row(layer: int, norms, norms_default, cos, dist, reference: Reference, margins: dict) -> dict:
-    """One table row from per-token norms, cosines and distances and per-kind margins (1-D tensors)."""
+def layer_row(layer: int | str, norms, norms_default, cos, dist, reference: Reference, margins: dict) -> dict:
+    """One table row (of a layer or a probe) from per-token norms, cosines and distances and per-kind margins."""
     return {
         "layer": layer,
         "norm_ratio": float(norms.mean() / norms_default.mean()),
@@ -119,6 +124,26 @@ def layer_row(layer: int, norms, norms_default, cos, dist, reference: Reference,
         "margin": {kind: float(m.mean()) for kind, m in margins.items()},
         "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
     }
+
+
+def probe_tokens(name: str, x: torch.Tensor, mean: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Probe `name` of default-layer tokens `x` [pictures, tokens, width], given the reference mean token and the
+    projection of an all-zero feature (`empty`)."""
+    if name == "average token":  # every token the average picture's: no content at all
+        return mean.expand_as(x)
+    if name == "picture's mean":  # each picture's tokens replaced by their mean: what it shows, not where
+        return x.mean(1, keepdim=True).expand_as(x)
+    if name == "half contrast":  # halfway to the average token: the same picture, faded toward the mean
+        return (x + mean) / 2
+    if name == "empty exit":  # what the projector makes of an exit whose features have faded to nothing
+        return empty.expand_as(x)
+    if name == "random directions":  # the same norms, off the tokens' subspace
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        return noise * (x.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
+    raise ValueError(f"unknown probe {name!r}")
+
+
+PROBES = ("average token", "picture's mean", "half contrast", "empty exit", "random directions")
 
 
 # --- the model passes ---------------------------------------------------------------------------------------------
@@ -181,17 +206,23 @@ def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix:
 
 
 @torch.no_grad()
-def diagnose(loaded, items, layers: list[int], reference: Reference, decision: Decision, batch_size: int) -> list[dict]:
-    """Per exit layer (the default one always included): the row of `layer_row`."""
+def diagnose(
+    loaded, items, layers: list[int], reference: Reference, decision: Decision, batch_size: int, probes=()
+) -> list[dict]:
+    """Per exit layer (the default one always included), then per probe: the row of `layer_row`."""
     model, family = loaded.model, loaded.family
     default = family.default_exit(model.config)
     layers = sorted(set(layers) | {default})
-    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in layers}
+    empty = attr_path(model, family.projector)(torch.zeros(1, 1, model.config.vision_config.hidden_size))[0, 0]
+    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in [*layers, *probes]}
     for batch in batches(items, batch_size):
         inputs = chat_inputs(loaded.processor, batch)
         features = family.features_per_layer(model, inputs, layers)
         at_default = flat(features[default])
-        for k in layers:
+        pictures = at_default.reshape(len(batch), -1, at_default.shape[-1])  # the suite's pictures are one size
+        mean = reference.mean.to(at_default.dtype)
+        features |= {name: probe_tokens(name, pictures, mean, empty).reshape(at_default.shape) for name in probes}
+        for k in [*layers, *probes]:
             tokens = flat(features[k])
             per[k]["norm"].append(tokens.double().norm(dim=-1))
             per[k]["cos"].append(cosines(tokens, at_default))
@@ -200,7 +231,7 @@ def diagnose(loaded, items, layers: list[int], reference: Reference, decision: D
             per[k]["margin"].append(refusal_margin(logits, decision))
     kinds = [i.kind for i in items]
     rows = []
-    for k in layers:
+    for k in [*layers, *probes]:
         norms, cos, dist, margin = (torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin"))
         by_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
         norms_default = torch.cat(per[default]["norm"])
@@ -230,7 +261,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         raise SystemExit(
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
-    rows = diagnose(loaded, items, layers, reference, decision, batch_size)
+    rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES)
     zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
     return {
@@ -254,7 +285,8 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
             "zero_token_distance_ratio": float(mahalanobis(zero, reference.mean, reference.chol)) / reference.distance,
         },
         "seconds": round(time.perf_counter() - start, 1),
-        "layers": rows,
+        "layers": [r for r in rows if isinstance(r["layer"], int)],
+        "probes": [r for r in rows if isinstance(r["layer"], str)],
     }
 
 
@@ -263,10 +295,11 @@ def markdown(report: dict) -> str:
     default = report["default_layer"]
     head = f"| layer | norm / L{default} | cos to L{default} | distance / ref | " + " | ".join(kinds) + " |"
     lines = [head, "|---" * (4 + len(kinds)) + "|"]
-    for row in report["layers"]:
+    for row in [*report["layers"], *report.get("probes", [])]:
         cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
         cells += [f"{row['margin'][k]:+.2f} ({100 * row['refuse_share'][k]:.0f}%)" for k in kinds]
         label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
+        label = f"probe: {label}" if isinstance(row["layer"], str) else label
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

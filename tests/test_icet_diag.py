@@ -118,6 +118,31 @@ def test_diagnose_invariants_at_the_default_layer(tiny):
         assert all(0 <= s <= 1 for s in row["refuse_share"].values())
 
 
+def test_probes_golden():
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0]], [[0.0, 4.0], [2.0, 0.0]]])  # 2 pictures x 2 tokens
+    mean, empty = torch.tensor([1.0, 1.0]), torch.tensor([5.0, -5.0])
+    assert torch.equal(diag.probe_tokens("average token", x, mean, empty), mean.expand(2, 2, 2))
+    own = diag.probe_tokens("picture's mean", x, mean, empty)
+    assert torch.equal(own, torch.tensor([[[2.0, 1.0]] * 2, [[1.0, 2.0]] * 2]))
+    assert torch.equal(diag.probe_tokens("half contrast", x, mean, empty)[0, 1], torch.tensor([2.0, 1.5]))
+    assert torch.equal(diag.probe_tokens("empty exit", x, mean, empty), empty.expand(2, 2, 2))
+    rand = diag.probe_tokens("random directions", x, mean, empty)
+    assert torch.allclose(rand.norm(dim=-1), x.norm(dim=-1)) and not torch.allclose(rand, x)
+    with pytest.raises(ValueError, match="unknown probe"):
+        diag.probe_tokens("nothing", x, mean, empty)
+
+
+def test_probes_join_the_rows_after_the_layers(tiny):
+    items = builtin_suite().select("eval", limit_per_kind=2)
+    reference = diag.fit_reference_on(tiny, items, batch_size=4)
+    rows = diag.diagnose(tiny, items, [23], reference, _decision(tiny), batch_size=4, probes=diag.PROBES)
+    assert [r["layer"] for r in rows] == [23, *diag.PROBES]
+    by = {r["layer"]: r for r in rows}
+    assert by["average token"]["distance"] < by[23]["distance"] < by["random directions"]["distance"]
+    assert by["random directions"]["norm_ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert by["half contrast"]["cosine"] > 0.5 and all(math.isfinite(m) for m in by["empty exit"]["margin"].values())
+
+
 def test_decision_logits_equal_hf_at_that_exit(tiny_checkpoints):
     """The margin's forward (features fed as embeddings, left padding, a prefix) equals HF's model at that exit."""
     loaded = load(tiny_checkpoints["llava"], dtype="float32")  # its own copy: the exit is moved below
@@ -155,6 +180,7 @@ def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch
     assert report["decision"]["source"] == "given" and report["decision"]["refusal"] != report["decision"]["compliance"]
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| layer | norm / L23 |") and table[3].startswith("| 23 (default) | 1.00 | 1.00 |")
+    assert [r["layer"] for r in report["probes"]] == list(diag.PROBES) and table[4].startswith("| probe: average")
     assert png.stat().st_size > 0
 
 
