@@ -90,6 +90,11 @@ class DemoRecipe:
     text_lr: float = 1e-3
     projector_steps: int = 0
     replay: float = 0.0
+    # Norm of a common vector every tower token carries from the first layer on (0 = off): the tower's pre-layernorm
+    # bias at initialisation, one fixed random direction. Real ViTs carry massive activations like it from their early
+    # layers on, so an early exit there keeps the common part and loses contrast; the demo tower otherwise builds its
+    # tokens from nothing, and an early exit fades toward what the projector makes of an empty feature.
+    tower_common: float = 0.0
 
 
 def train_tower(
@@ -261,6 +266,11 @@ def train_demo(
     corpus = tokenizer_corpus(suite.items, captions=llava_pipeline)
     model, processor = build_tiny("llava", sizes, seed=recipe.seed, corpus=corpus)
     model.config.vision_feature_layer = DEFAULT_LAYER - DEMO_SIZES.vision_layers - 1  # -2, as LLaVA-1.5
+    if recipe.tower_common:
+        bias = model.model.vision_tower.pre_layrnorm.bias
+        direction = torch.randn(bias.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            bias.copy_(direction / direction.norm() * recipe.tower_common)
     start = time.time()
     model.to(device)
     tower_acc = train_tower(model, processor, recipe, log, device)
