@@ -1,6 +1,8 @@
 """Markdown tables of every demo-model attempt (JSON files written by benchmarks/demo_recipe.py).
 
-python benchmarks/demo_attempts_table.py docs/demo-attempts/*.json > docs/demo-attempts.md.part
+python benchmarks/demo_attempts_table.py docs/demo-attempts/round?-v*.json > docs/demo-attempts.md.part
+
+(Rounds 1-5 are demo_recipe.py runs; the later rounds keep scan and icet_diag reports, tabled by hand.)
 """
 
 from __future__ import annotations
