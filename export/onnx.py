@@ -27,10 +27,9 @@ traced with a past of 2 and runs the prefill with a past of 0). Measured on the 
 past + sequence = total relation spelled out. The 4-D additive attention mask is built in the wrapper from
 `attention_mask`, so no mask-building branch of transformers is frozen into the trace.
 
-Weights: traced without them (`export_params=False`), then written from the model a tensor at a time by
-`edgekit.export.onnx_data.attach_weights` (past 2 GiB, into `<graph>_data`; the embedding table always, so that
-onnxruntime-genai's embedding graph can share its file). A float16 model is traced in float16
-behind float32 inputs and outputs, the contract of every folder.
+Weights: traced without them (`export_params=False`), then written a tensor at a time by `onnx_data.attach_weights`
+(past 2 GiB into `<graph>_data`; the embedding table always, shared with onnxruntime-genai's embedding graph). A
+float16 model is traced in float16 behind float32 inputs and outputs, the contract of every folder.
 """
 
 from __future__ import annotations
@@ -145,16 +144,7 @@ class _Float32Interface(nn.Module):
 
 
 # --- export ------------------------------------------------------------------------------------------------------
-def _export(
-    module: nn.Module,
-    args: tuple,
-    path: Path,
-    inputs: list[str],
-    outputs: list[str],
-    axes: dict,
-    opset: int,
-    external: bool = False,
-):
+def _export(module, args: tuple, path: Path, inputs: list, outputs: list, axes: dict, opset: int, external=False):
     if next(module.parameters()).dtype != torch.float32:
         module = _Float32Interface(module)
     with warnings.catch_warnings(), torch.no_grad():
@@ -192,7 +182,6 @@ def _export_embed(model, path: Path, opset: int) -> None:
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
     dims = {0: "batch_size", 1: "sequence_length"}
     axes = {n.INPUT_IDS: dims, n.INPUTS_EMBEDS: dims}
-    # The table always lives outside the graph: onnxruntime-genai's embedding graph points at the same data file.
     _export(_Embed(model), (ids,), path, [n.INPUT_IDS], [n.INPUTS_EMBEDS], axes, opset, external=True)
 
 
