@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -144,10 +146,20 @@ class _Float32Interface(nn.Module):
 
 
 # --- export ------------------------------------------------------------------------------------------------------
+@contextmanager
+def _shape_inference_without_weights():
+    """The TorchScript exporter's whole-graph ONNX shape inference serializes every parameter once more (1.3x the
+    weights, measured), the export's largest transient. Weights carry no value a shape depends on, so it runs on the
+    graph alone; the per-node inference that types the scalars is untouched."""
+    infer = torch._C._jit_pass_onnx_graph_shape_type_inference
+    with mock.patch.object(torch._C, infer.__name__, lambda graph, _params, opset: infer(graph, {}, opset)):
+        yield
+
+
 def _export(module, args: tuple, path: Path, inputs: list, outputs: list, axes: dict, opset: int, external=False):
     if next(module.parameters()).dtype != torch.float32:
         module = _Float32Interface(module)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _shape_inference_without_weights():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic and the exporter's deprecation notice
         torch.onnx.export(
             module,
@@ -218,15 +230,8 @@ def _export_decoder(model, family: Family, cross_states: torch.Tensor | None, pa
         names += [n.CROSS_ATTENTION_STATES, n.CROSS_ATTENTION_MASK]
         axes[n.CROSS_ATTENTION_STATES] = {0: "num_images_x_tiles"}
         axes[n.CROSS_ATTENTION_MASK] = {0: "batch_size", 1: "sequence_length", 2: "num_images"}
-    _export(
-        _Decoder(model, family, layers),
-        tuple(args + flat_past),
-        path,
-        names + past_names,
-        [n.LOGITS, *present_names],
-        axes,
-        opset,
-    )
+    decoder, inputs, outputs = _Decoder(model, family, layers), names + past_names, [n.LOGITS, *present_names]
+    _export(decoder, tuple(args + flat_past), path, inputs, outputs, axes, opset)
 
 
 # --- description -------------------------------------------------------------------------------------------------
@@ -257,23 +262,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+_IMAGE_PROCESSOR_KEYS = ("size", "crop_size", "image_mean", "image_std", "rescale_factor", "resample") + tuple(
+    f"do_{step}" for step in ("resize", "center_crop", "rescale", "normalize", "convert_rgb", "pad")
+)
+
+
 def _preprocessing(processor, model, family: Family) -> dict[str, Any]:
     ip = processor.image_processor
-    keys = (
-        "size",
-        "crop_size",
-        "image_mean",
-        "image_std",
-        "rescale_factor",
-        "do_resize",
-        "do_center_crop",
-        "do_rescale",
-        "do_normalize",
-        "do_convert_rgb",
-        "do_pad",
-        "resample",
-        *family.preprocessing_keys,
-    )
+    keys = (*_IMAGE_PROCESSOR_KEYS, *family.preprocessing_keys)
     out = {"processor_class": type(processor).__name__, "image_processor_class": type(ip).__name__}
     out |= {k: _jsonable(getattr(ip, k)) for k in keys if getattr(ip, k, None) is not None}
     vision = model.config.vision_config

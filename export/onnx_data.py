@@ -20,7 +20,9 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 ALIGN = 4096  # data offsets page-aligned, so ONNX Runtime can memory-map the file
 SMALL_TENSOR = 1024  # bytes: smaller initializers stay inside the graph
-INLINE_LIMIT = 1_800_000_000  # bytes of weights above which a graph keeps them outside (protobuf stops at 2 GiB)
+# bytes of weights above which a graph keeps them outside: protobuf stops at 2 GiB, and an inline graph is held
+# serialized beside the model while it is written and read back, a transient the bounded export avoids
+INLINE_LIMIT = 256 * 2**20
 
 
 def data_file(graph: Path) -> Path:
