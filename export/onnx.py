@@ -28,7 +28,7 @@ past + sequence = total relation spelled out. The 4-D additive attention mask is
 `attention_mask`, so no mask-building branch of transformers is frozen into the trace.
 
 Weights: traced without them (`export_params=False`), then written a tensor at a time by `onnx_data.attach_weights`
-(past 2 GiB into `<graph>_data`; the embedding table always, shared with onnxruntime-genai's embedding graph). A
+(past 256 MiB into `<graph>_data`; the embedding table always, shared with onnxruntime-genai's embedding graph). A
 float16 model is traced in float16 behind float32 inputs and outputs, the contract of every folder.
 """
 

@@ -1,6 +1,6 @@
-"""ONNX graphs past protobuf's 2 GiB keep their weights in one external data file beside them, the layout the
-ecosystem's large-model exports use (`decoder_model_merged.onnx` + `decoder_model_merged.onnx_data`), which ONNX Runtime
-and onnxruntime-genai load as they are.
+"""ONNX graphs with more than 256 MiB of weights keep them in one external data file beside them (protobuf itself stops
+at 2 GiB), the layout the ecosystem's large-model exports use (`decoder_model_merged.onnx` +
+`decoder_model_merged.onnx_data`), which ONNX Runtime and onnxruntime-genai load as they are.
 
 The exporter traces without the weights; `attach_weights` then writes them from the module a tensor at a time, so
 memory stays at the model plus its largest tensor. The quantizers load a graph whole and write it back
@@ -36,7 +36,7 @@ def has_external_data(graph: Path) -> bool:
 
 def attach_weights(graph: Path, module: torch.nn.Module, external: bool = False) -> None:
     """Give a graph exported without its weights (`export_params=False`) the module's parameters and buffers, written
-    a tensor at a time: inside the graph while the whole stays under protobuf's 2 GiB (unless `external`), else into
+    a tensor at a time: inside the graph while the whole stays under INLINE_LIMIT (unless `external`), else into
     `<graph>_data`, so memory never holds a second copy of the model. A weight whose every use is a 2-D Transpose is
     stored transposed instead (the folding the exporter does when it owns the weights), so MatMuls read it directly
     and the quantizers find their weights as initializers."""

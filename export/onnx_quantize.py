@@ -223,7 +223,7 @@ def _fp16(src: Path, dst: Path) -> dict:
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     external = has_external_data(src)
-    if external:  # shape inference on a graph past 2 GiB works from a path only (the in-memory one serializes it)
+    if external:  # shape inference on a graph with external data works from a path only (in memory it serializes)
         inferred = dst.with_name(f"inferred-{src.name}")
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
         model = onnx.load(str(inferred), load_external_data=False)
