@@ -25,7 +25,10 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
 Probes: the same row for tokens made from the default layer's, asking where an early exit's tokens would have to land
 to move the margin (`PROBES`). A language model that refuses on the request's words alone shows the same margins on
 every probe; one whose refusal reads the picture moves on some of them, and the layer rows then tell whether the
-tower's early layers go there.
+tower's early layers go there. Then one probe per exit layer, "Lk on LD's mean": layer k's tokens with their mean
+(over the reference pictures) swapped for the default layer's. Where it moves the margin and layer k itself does not,
+the exit loses the part every picture shares, which a tower can keep, rather than what the language model reads of
+the picture.
 """
 
 from __future__ import annotations
@@ -168,6 +171,23 @@ def fit_reference_on(loaded, items, batch_size: int) -> Reference:
 
 
 @torch.no_grad()
+def layer_means(loaded, items, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """Each layer's mean projected token over `items`' pictures (the reference ones)."""
+    model, family = loaded.model, loaded.family
+    sums = dict.fromkeys(layers, 0.0)
+    count = 0
+    for b in batches(items, batch_size):
+        features = family.features_per_layer(model, chat_inputs(loaded.processor, b), layers)
+        sums = {k: sums[k] + flat(features[k]).double().sum(0) for k in layers}
+        count += len(flat(features[layers[0]]))
+    return {k: total / count for k, total in sums.items()}
+
+
+def recentred_name(layer: int, default: int) -> str:
+    return f"L{layer} on L{default}'s mean"
+
+
+@torch.no_grad()
 def own_answers(loaded, items, batch_size: int, max_new_tokens: int = 24) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of the greedy answers at the default layer that the refusal judge calls refusals, then the rest."""
     model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
@@ -207,14 +227,20 @@ def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix:
 
 @torch.no_grad()
 def diagnose(
-    loaded, items, layers: list[int], reference: Reference, decision: Decision, batch_size: int, probes=()
-) -> list[dict]:
-    """Per exit layer (the default one always included), then per probe: the row of `layer_row`."""
+    loaded, items, layers: list[int], reference: Reference, decision: Decision, batch_size: int, probes=(),
+    means: dict[int, torch.Tensor] | None = None,
+) -> list[dict]:  # fmt: skip
+    """Per exit layer (the default one always included), then per probe: the row of `layer_row`. Given each layer's
+    mean token (`layer_means`), every other layer also gets a recentred probe: its tokens with their own mean swapped
+    for the default layer's, which separates what an exit loses in its common part (the mean, what every picture
+    shares) from what it loses in the picture itself."""
     model, family = loaded.model, loaded.family
     default = family.default_exit(model.config)
     layers = sorted(set(layers) | {default})
     empty = attr_path(model, family.projector)(torch.zeros(1, 1, model.config.vision_config.hidden_size))[0, 0]
-    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in [*layers, *probes]}
+    recentred = {recentred_name(k, default): k for k in layers if k != default} if means else {}
+    every = [*layers, *probes, *recentred]
+    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in every}
     for batch in batches(items, batch_size):
         inputs = chat_inputs(loaded.processor, batch)
         features = family.features_per_layer(model, inputs, layers)
@@ -222,7 +248,9 @@ def diagnose(
         pictures = at_default.reshape(len(batch), -1, at_default.shape[-1])  # the suite's pictures are one size
         mean = reference.mean.to(at_default.dtype)
         features |= {name: probe_tokens(name, pictures, mean, empty).reshape(at_default.shape) for name in probes}
-        for k in [*layers, *probes]:
+        shift = {k: (means[k] - reference.mean).to(at_default.dtype) for k in recentred.values()}
+        features |= {name: features[k] - shift[k] for name, k in recentred.items()}
+        for k in every:
             tokens = flat(features[k])
             per[k]["norm"].append(tokens.double().norm(dim=-1))
             per[k]["cos"].append(cosines(tokens, at_default))
@@ -231,7 +259,7 @@ def diagnose(
             per[k]["margin"].append(refusal_margin(logits, decision))
     kinds = [i.kind for i in items]
     rows = []
-    for k in [*layers, *probes]:
+    for k in every:
         norms, cos, dist, margin = (torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin"))
         by_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
         norms_default = torch.cat(per[default]["norm"])
@@ -261,7 +289,9 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         raise SystemExit(
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
-    rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES)
+    means = layer_means(loaded, pictures, sorted(set(layers) | {loaded.family.default_exit(loaded.model.config)}),
+                        batch_size)  # fmt: skip
+    rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES, means)
     zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
     return {

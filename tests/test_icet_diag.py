@@ -180,7 +180,8 @@ def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch
     assert report["decision"]["source"] == "given" and report["decision"]["refusal"] != report["decision"]["compliance"]
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| layer | norm / L23 |") and table[3].startswith("| 23 (default) | 1.00 | 1.00 |")
-    assert [r["layer"] for r in report["probes"]] == list(diag.PROBES) and table[4].startswith("| probe: average")
+    assert [r["layer"] for r in report["probes"]] == [*diag.PROBES, "L2 on L23's mean"]
+    assert table[4].startswith("| probe: average")
     assert png.stat().st_size > 0
 
 
@@ -188,3 +189,20 @@ def test_a_model_that_never_refuses_has_no_margin(tiny):
     """The tiny model's random answers are never refusals: the diagnostic says so instead of inventing a token."""
     with pytest.raises(SystemExit, match="no refusal margin"):
         diag.run(tiny, [23], limit=2, reference_per_kind=1, answers=None, batch_size=8)
+
+
+def test_recentred_probes_swap_a_layers_mean_for_the_default_layers(tiny):
+    items = builtin_suite().select("eval", limit_per_kind=2)
+    reference = diag.fit_reference_on(tiny, items, batch_size=4)
+    means = diag.layer_means(tiny, items, [1, 23], batch_size=4)
+    assert torch.allclose(means[23], reference.mean)  # the same pictures: the default layer's mean is the reference's
+    rows = diag.diagnose(tiny, items, [1], reference, _decision(tiny), batch_size=4, means=means)
+    assert [r["layer"] for r in rows] == [1, 23, "L1 on L23's mean"]
+    by = {r["layer"]: r for r in rows}
+    assert by["L1 on L23's mean"]["margin"] != by[1]["margin"]
+    # a layer whose mean already is the default layer's is left as it is
+    same = diag.diagnose(
+        tiny, items, [1], reference, _decision(tiny), batch_size=4, means=dict.fromkeys(means, reference.mean)
+    )
+    assert same[2]["margin"] == pytest.approx(same[0]["margin"], abs=1e-6)
+    assert same[2]["cosine"] == pytest.approx(same[0]["cosine"], abs=1e-6)
