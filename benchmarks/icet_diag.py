@@ -160,27 +160,19 @@ def flat(features: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_reference_on(loaded, items, batch_size: int) -> Reference:
+def fit_reference_on(loaded, items, batch_size: int, layers=()) -> tuple[Reference, dict[int, torch.Tensor]]:
+    """The default layer's statistics over `items`' pictures (the reference ones) and, from the same tower passes,
+    the mean projected token of each of `layers`, summed as the batches come (a 7B's tokens of every layer would not
+    fit in memory at once)."""
     model, family = loaded.model, loaded.family
     default = family.default_exit(model.config)
-    tokens = [
-        flat(family.features_per_layer(model, chat_inputs(loaded.processor, b), [default])[default])
-        for b in batches(items, batch_size)
-    ]
-    return fit_reference(torch.cat(tokens))
-
-
-@torch.no_grad()
-def layer_means(loaded, items, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """Each layer's mean projected token over `items`' pictures (the reference ones)."""
-    model, family = loaded.model, loaded.family
-    sums = dict.fromkeys(layers, 0.0)
-    count = 0
+    tokens, sums = [], dict.fromkeys(layers, 0.0)
     for b in batches(items, batch_size):
-        features = family.features_per_layer(model, chat_inputs(loaded.processor, b), layers)
+        features = family.features_per_layer(model, chat_inputs(loaded.processor, b), sorted({*layers, default}))
+        tokens.append(flat(features[default]))
         sums = {k: sums[k] + flat(features[k]).double().sum(0) for k in layers}
-        count += len(flat(features[layers[0]]))
-    return {k: total / count for k, total in sums.items()}
+    reference = fit_reference(torch.cat(tokens))
+    return reference, {k: total / reference.tokens for k, total in sums.items()}
 
 
 def recentred_name(layer: int, default: int) -> str:
@@ -231,9 +223,9 @@ def diagnose(
     means: dict[int, torch.Tensor] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Per exit layer (the default one always included), then per probe: the row of `layer_row`. Given each layer's
-    mean token (`layer_means`), every other layer also gets a recentred probe: its tokens with their own mean swapped
-    for the default layer's, which separates what an exit loses in its common part (the mean, what every picture
-    shares) from what it loses in the picture itself."""
+    mean token (from `fit_reference_on`), every other layer also gets a recentred probe: its tokens with their own
+    mean swapped for the default layer's, which separates what an exit loses in its common part (the mean, what every
+    picture shares) from what it loses in the picture itself."""
     model, family = loaded.model, loaded.family
     default = family.default_exit(model.config)
     layers = sorted(set(layers) | {default})
@@ -276,7 +268,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
     suite, tokenizer = builtin_suite(), loaded.processor.tokenizer
     items = suite.select("eval", limit_per_kind=limit)
     pictures = suite.select("train", limit_per_kind=reference_per_kind)
-    reference = fit_reference_on(loaded, pictures, batch_size)
+    reference, means = fit_reference_on(loaded, pictures, batch_size, layers)
     if answers:
         source = "given"
         refusals, compliances = ([tokenizer(text, add_special_tokens=False).input_ids] for text in answers)
@@ -289,8 +281,6 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         raise SystemExit(
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
-    means = layer_means(loaded, pictures, sorted(set(layers) | {loaded.family.default_exit(loaded.model.config)}),
-                        batch_size)  # fmt: skip
     rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES, means)
     zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])

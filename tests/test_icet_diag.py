@@ -102,7 +102,7 @@ def _decision(loaded):
 def test_diagnose_invariants_at_the_default_layer(tiny):
     """Statistics fitted on the very items diagnosed: the default layer's distance is the reference's own."""
     items = builtin_suite().select("eval", limit_per_kind=3)
-    reference = diag.fit_reference_on(tiny, items, batch_size=4)
+    reference, _ = diag.fit_reference_on(tiny, items, batch_size=4)
     rows = diag.diagnose(tiny, items, [1, 12, 24], reference, _decision(tiny), batch_size=4)
     assert [r["layer"] for r in rows] == [1, 12, 23, 24]  # the default layer always joins
     by_layer = {r["layer"]: r for r in rows}
@@ -134,7 +134,7 @@ def test_probes_golden():
 
 def test_probes_join_the_rows_after_the_layers(tiny):
     items = builtin_suite().select("eval", limit_per_kind=2)
-    reference = diag.fit_reference_on(tiny, items, batch_size=4)
+    reference, _ = diag.fit_reference_on(tiny, items, batch_size=4)
     rows = diag.diagnose(tiny, items, [23], reference, _decision(tiny), batch_size=4, probes=diag.PROBES)
     assert [r["layer"] for r in rows] == [23, *diag.PROBES]
     by = {r["layer"]: r for r in rows}
@@ -193,8 +193,7 @@ def test_a_model_that_never_refuses_has_no_margin(tiny):
 
 def test_recentred_probes_swap_a_layers_mean_for_the_default_layers(tiny):
     items = builtin_suite().select("eval", limit_per_kind=2)
-    reference = diag.fit_reference_on(tiny, items, batch_size=4)
-    means = diag.layer_means(tiny, items, [1, 23], batch_size=4)
+    reference, means = diag.fit_reference_on(tiny, items, batch_size=4, layers=[1, 23])
     assert torch.allclose(means[23], reference.mean)  # the same pictures: the default layer's mean is the reference's
     rows = diag.diagnose(tiny, items, [1], reference, _decision(tiny), batch_size=4, means=means)
     assert [r["layer"] for r in rows] == [1, 23, "L1 on L23's mean"]
