@@ -232,6 +232,7 @@ def diagnose(
     empty = attr_path(model, family.projector)(torch.zeros(1, 1, model.config.vision_config.hidden_size))[0, 0]
     recentred = {recentred_name(k, default): k for k in layers if k != default} if means else {}
     every = [*layers, *probes, *recentred]
+    shift = {k: means[k] - reference.mean for k in recentred.values()}
     per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in every}
     for batch in batches(items, batch_size):
         inputs = chat_inputs(loaded.processor, batch)
@@ -240,8 +241,7 @@ def diagnose(
         pictures = at_default.reshape(len(batch), -1, at_default.shape[-1])  # the suite's pictures are one size
         mean = reference.mean.to(at_default.dtype)
         features |= {name: probe_tokens(name, pictures, mean, empty).reshape(at_default.shape) for name in probes}
-        shift = {k: (means[k] - reference.mean).to(at_default.dtype) for k in recentred.values()}
-        features |= {name: features[k] - shift[k] for name, k in recentred.items()}
+        features |= {name: features[k] - shift[k].to(at_default.dtype) for name, k in recentred.items()}
         for k in every:
             tokens = flat(features[k])
             per[k]["norm"].append(tokens.double().norm(dim=-1))
