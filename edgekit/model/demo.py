@@ -300,14 +300,15 @@ def demo_cache_dir() -> Path:
 def demo_model_path(recipe: DemoRecipe = DemoRecipe(), log: Callable[[str], None] = print) -> Path:
     """The cached demo model, trained on first use (minutes on 2 CPU cores) and reused afterwards.
 
-    The cache key covers the recipe and the source of the trainer, its data, the suite it draws from and the pictures,
-    so a change to any retrains."""
+    The cache key covers the recipe, the source of the trainer, its data and the pictures, and the built-in suite's
+    items themselves (its prompts live in data files), so a change to any retrains."""
     from edgekit.model import demo_data
     from edgekit.outputs import atomic_dir
-    from edgekit.safety import images, suite
+    from edgekit.safety import images
 
-    source = b"".join(Path(f).read_bytes() for f in (__file__, demo_data.__file__, suite.__file__, images.__file__))
-    key = hashlib.sha256(json.dumps(asdict(recipe)).encode() + source).hexdigest()[:12]
+    source = b"".join(Path(f).read_bytes() for f in (__file__, demo_data.__file__, images.__file__))
+    suite = repr(builtin_suite().items).encode()
+    key = hashlib.sha256(json.dumps(asdict(recipe)).encode() + source + suite).hexdigest()[:12]
     folder = demo_cache_dir() / f"demo-{key}"
     if not (folder / "edgekit_demo.json").is_file():
         log(f"training the demo model (first use; cached in {folder})")
