@@ -177,5 +177,6 @@ def test_a_terminated_export_leaves_nothing_half_written(tiny_checkpoints, tmp_p
         time.sleep(0.05)
     assert list(tmp_path.glob(".out.*")), "the export never started writing"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    _, stderr = proc.communicate(timeout=60)  # reads while waiting, so a full pipe cannot stall the child
+    assert proc.returncode == 128 + signal.SIGTERM, stderr  # the child's own account names the path that misfired
     assert list(tmp_path.iterdir()) == []
