@@ -13,6 +13,7 @@ from edgekit.align.config import LPPOConfig
 from edgekit.build.config import BUILD_DTYPES, METHODS
 from edgekit.errors import GateFailure, UserError
 from edgekit.model.tiny import TINY_FAMILIES
+from edgekit.outputs import stop_if_terminated, terminate
 
 EPILOG = "Exit layer k (1..L) = output of vision block k = HF hidden_states[k]; LLaVA-1.5's default is 23 of 24."
 
@@ -361,7 +362,7 @@ def _quiet_libraries() -> None:
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary folders go, nothing half-written stays
+    terminate(signum)  # unwinds like Ctrl-C: temporary folders go, nothing half-written stays
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
         args.func(args)
+        stop_if_terminated()  # a swallowed SIGTERM still ends the run with its exit code
     except (UserError, GateFailure) as err:
         print(f"edgekit: {'error' if isinstance(err, UserError) else 'failed'}: {err}", file=sys.stderr)
         return err.exit_code

@@ -11,6 +11,22 @@ from pathlib import Path
 
 from edgekit.errors import UserError
 
+_terminated_by = 0  # the terminating signal's number once one arrived (`terminate`)
+
+
+def terminate(signum: int) -> None:
+    """Stop: raise SystemExit(128 + signum) now, and again at every later commit point (`stop_if_terminated`). The
+    first raise lands wherever the process is, and a library's finalizer or broad `except` there can swallow it; an
+    output must still never be committed after the process was told to stop."""
+    global _terminated_by
+    _terminated_by = signum
+    raise SystemExit(128 + signum)
+
+
+def stop_if_terminated() -> None:
+    if _terminated_by:
+        raise SystemExit(128 + _terminated_by)
+
 
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse an existing non-empty folder without `overwrite`, and a place we cannot write; before any work."""
@@ -46,6 +62,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent.resolve()))  # absolute: callers join paths
     try:
         yield tmp
+        stop_if_terminated()
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

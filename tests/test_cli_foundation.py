@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForImageTextToText
 
+from edgekit import outputs
 from edgekit.cli import main
 
 
@@ -179,4 +180,19 @@ def test_a_terminated_export_leaves_nothing_half_written(tiny_checkpoints, tmp_p
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)  # reads while waiting, so a full pipe cannot stall the child
     assert proc.returncode == 128 + signal.SIGTERM, stderr  # the child's own account names the path that misfired
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_swallowed_sigterm_still_commits_nothing(tmp_path, monkeypatch):
+    """A library's finalizer or broad `except` can swallow the SystemExit the SIGTERM handler raises; the output's
+    commit point raises it again, so the run still ends with 143 and nothing is written."""
+    monkeypatch.setattr(outputs, "_terminated_by", 0)  # restored after the test: the flag is process-wide
+    with pytest.raises(SystemExit) as stopped:
+        with outputs.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "weights.bin").write_bytes(b"half")
+            try:
+                outputs.terminate(signal.SIGTERM)
+            except BaseException:  # what a finalizer does with it
+                pass
+    assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
