@@ -8,13 +8,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from edgekit.errors import UserError
 
 _terminated_by = 0  # the terminating signal's number once one arrived (`terminate`)
 
 
-def terminate(signum: int) -> None:
+def terminate(signum: int) -> NoReturn:
     """Stop: raise SystemExit(128 + signum) now, and again at every later commit point (`stop_if_terminated`). The
     first raise lands wherever the process is, and a library's finalizer or broad `except` there can swallow it; an
     output must still never be committed after the process was told to stop."""
