@@ -210,9 +210,8 @@ def cmd_align(args) -> None:
     from accelerate import PartialState
 
     from edgekit.align.checkpoint import check_output_and_checkpoint
-    from edgekit.align.config import LPPOConfig, check_layers
-    from edgekit.align.rewards import check_reward, make_reward
-    from edgekit.align.trainer import align
+    from edgekit.align.config import LPPOConfig
+    from edgekit.align.rewards import check_reward
 
     given = {f.name: getattr(args, f.name) for f in LPPOConfig.flags() if getattr(args, f.name) is not None}
     make_config = partial(LPPOConfig, exit_layer=args.exit_layer, exit_layers=args.exit_layers, **given)
@@ -226,6 +225,18 @@ def cmd_align(args) -> None:
     launch = PartialState(cpu=args.device.split(":")[0] == "cpu")
     if launch.num_processes > 1:
         args.device = str(launch.device)
+    try:
+        _align_here(args, launch, make_config)
+    finally:
+        # Gloo's worker threads outliving the process group abort the interpreter's exit (SIGABRT) now and then.
+        launch.destroy_process_group()
+
+
+def _align_here(args, launch, make_config) -> None:
+    from edgekit.align.config import check_layers
+    from edgekit.align.rewards import make_reward
+    from edgekit.align.trainer import align
+
     with launch.main_process_first():
         preflight(args, exit_layer=args.exit_layer, check=lambda num_layers: check_layers(make_config(), num_layers))
     config = make_config()
