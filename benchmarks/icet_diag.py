@@ -21,6 +21,11 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
   (utility questions excluded: their answers depend on the picture), labelled by the refusal judge; at each position
   the most common next token of each side is followed until they differ. So the margin reads the model's usual
   opening of each answer, not its whole refusal mass; `--refusal/--compliance` give the two answers instead.
+- image attention, per item kind and language-model layer: the share of that position's attention (mean over heads)
+  that falls on the image tokens, i.e. how much of the first answer token's reading is the picture. Off-distribution
+  tokens can draw attention from the request's words (the dilution hypothesis of the ICET notes); this says whether
+  an exit's tokens do. Read from the eager attention's weights (the fused kernels never form them), so the model
+  runs eager attention for the diagnostic.
 
 Probes: the same row for tokens made from the default layer's, asking where an early exit's tokens would have to land
 to move the margin (`PROBES`). A language model that refuses on the request's words alone shows the same margins on
@@ -37,6 +42,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,8 +122,11 @@ def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
 
 
-def layer_row(layer: int | str, norms, norms_default, cos, dist, reference: Reference, margins: dict) -> dict:
-    """One table row (of a layer or a probe) from per-token norms, cosines and distances and per-kind margins."""
+def layer_row(
+    layer: int | str, norms, norms_default, cos, dist, reference: Reference, margins: dict, attention: dict
+) -> dict:
+    """One table row (of a layer or a probe) from per-token norms, cosines and distances, and per-kind margins and
+    image attention shares ([items, language-model layers])."""
     return {
         "layer": layer,
         "norm_ratio": float(norms.mean() / norms_default.mean()),
@@ -126,6 +135,7 @@ def layer_row(layer: int | str, norms, norms_default, cos, dist, reference: Refe
         "distance_ratio": float(dist.mean() / reference.distance),
         "margin": {kind: float(m.mean()) for kind, m in margins.items()},
         "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
+        "image_attention": {kind: a.double().mean(0).tolist() for kind, a in attention.items()},
     }
 
 
@@ -202,6 +212,38 @@ def own_answers(loaded, items, batch_size: int, max_new_tokens: int = 24) -> tup
     return refusals, compliances
 
 
+@contextmanager
+def eager_attention(model):
+    """The model on eager attention for the block, back to its own implementation after."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
+
+
+@contextmanager
+def image_attention(model, family, image: torch.Tensor):
+    """Collect, per language-model layer, the share of the last position's attention (mean over heads) on the image
+    tokens: `image` is the prompt's [batch, length] mask of them. Yields the list the forward passes fill."""
+    shares: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        weights = output[1]  # [batch, heads, queries, keys]; None where a fused kernel ran
+        if weights is None:
+            raise RuntimeError("attention weights are not formed: run under eager_attention")
+        shares.append((weights[:, :, -1, : image.shape[1]] * image[:, None]).sum(-1).mean(1))
+
+    layers = attr_path(model, family.language_model).layers
+    hooks = [layers[i].self_attn.register_forward_hook(keep) for i in family.self_attention_layers(model.config)]
+    try:
+        yield shares
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix: list[int]) -> torch.Tensor:
     """Next-token logits after the prompt (image = `features`) and the answers' shared prefix."""
@@ -233,9 +275,10 @@ def diagnose(
     recentred = {recentred_name(k, default): k for k in layers if k != default} if means else {}
     every = [*layers, *probes, *recentred]
     shift = {k: means[k] - reference.mean for k in recentred.values()}
-    per = {k: {"norm": [], "cos": [], "dist": [], "margin": []} for k in every}
+    per = {k: {"norm": [], "cos": [], "dist": [], "margin": [], "attention": []} for k in every}
     for batch in batches(items, batch_size):
         inputs = chat_inputs(loaded.processor, batch)
+        image = (inputs["input_ids"] == family.image_token_id(model.config)).float()
         features = family.features_per_layer(model, inputs, layers)
         at_default = flat(features[default])
         pictures = at_default.reshape(len(batch), -1, at_default.shape[-1])  # the suite's pictures are one size
@@ -247,15 +290,21 @@ def diagnose(
             per[k]["norm"].append(tokens.double().norm(dim=-1))
             per[k]["cos"].append(cosines(tokens, at_default))
             per[k]["dist"].append(mahalanobis(tokens, reference.mean, reference.chol))
-            logits = decision_logits(model, family, inputs, features[k], decision.prefix)
+            with eager_attention(model), image_attention(model, family, image) as shares:
+                logits = decision_logits(model, family, inputs, features[k], decision.prefix)
             per[k]["margin"].append(refusal_margin(logits, decision))
+            per[k]["attention"].append(torch.stack(shares, 1))
     kinds = [i.kind for i in items]
     rows = []
     for k in every:
-        norms, cos, dist, margin = (torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin"))
-        by_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
+        norms, cos, dist, margin, attention = (
+            torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin", "attention")
+        )
+        of_kind = {kind: torch.tensor([x == kind for x in kinds]) for kind in KINDS if kind in kinds}
         norms_default = torch.cat(per[default]["norm"])
-        rows.append(layer_row(k, norms, norms_default, cos, dist, reference, by_kind))
+        margins = {kind: margin[at] for kind, at in of_kind.items()}
+        attentions = {kind: attention[at] for kind, at in of_kind.items()}
+        rows.append(layer_row(k, norms, norms_default, cos, dist, reference, margins, attentions))
     return rows
 
 
@@ -310,13 +359,20 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
     }
 
 
+def mean_image_attention(row: dict) -> float:
+    """A row's image attention share over every kind and language-model layer (kinds weighted alike)."""
+    per_kind = [sum(layers) / len(layers) for layers in row["image_attention"].values()]
+    return sum(per_kind) / len(per_kind)
+
+
 def markdown(report: dict) -> str:
     kinds = list(report["items"])
     default = report["default_layer"]
-    head = f"| layer | norm / L{default} | cos to L{default} | distance / ref | " + " | ".join(kinds) + " |"
-    lines = [head, "|---" * (4 + len(kinds)) + "|"]
+    head = f"| layer | norm / L{default} | cos to L{default} | distance / ref | attention on image | "
+    lines = [head + " | ".join(kinds) + " |", "|---" * (5 + len(kinds)) + "|"]
     for row in [*report["layers"], *report.get("probes", [])]:
         cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
+        cells.append(f"{mean_image_attention(row):.2f}")
         cells += [f"{row['margin'][k]:+.2f} ({100 * row['refuse_share'][k]:.0f}%)" for k in kinds]
         label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
         label = f"probe: {label}" if isinstance(row["layer"], str) else label
@@ -336,6 +392,7 @@ def plot(report: dict, path: Path) -> None:
     left.plot(x, [r["norm_ratio"] for r in rows], marker="o", label=f"norm / L{default}")
     left.plot(x, [r["cosine"] for r in rows], marker="o", label=f"cosine to L{default}")
     left.plot(x, [r["distance_ratio"] for r in rows], marker="o", label="Mahalanobis distance / reference")
+    left.plot(x, [mean_image_attention(r) for r in rows], marker="o", label="answer's attention on the image")
     zero = report["reference"]["zero_token_distance_ratio"]
     left.axhline(zero, color="C2", linestyle="--", linewidth=1, label="distance of an all-zero token / reference")
     left.set(title="projected image tokens", xlabel="vision exit layer", yscale="log")

@@ -71,8 +71,9 @@ def test_ledoit_wolf_keeps_an_isotropic_covariance():
 def test_layer_row_golden():
     ref = diag.Reference(torch.zeros(2), torch.eye(2), 0.1, 4, 2.0)
     margins = {"harmful_text": torch.tensor([1.0, -3.0, 0.5, 2.0])}
+    attention = {"harmful_text": torch.tensor([[0.5, 0.25], [0.25, 0.25], [0.0, 0.5], [0.25, 0.0]])}  # 4 items x 2
     row = diag.layer_row(7, torch.tensor([1.0, 2.0]), torch.tensor([4.0, 2.0]), torch.tensor([0.5, 1.0]),
-                         torch.tensor([3.0, 5.0]), ref, margins)  # fmt: skip
+                         torch.tensor([3.0, 5.0]), ref, margins, attention)  # fmt: skip
     assert row == {
         "layer": 7,
         "norm_ratio": 0.5,
@@ -81,7 +82,10 @@ def test_layer_row_golden():
         "distance_ratio": 2.0,
         "margin": {"harmful_text": 0.125},
         "refuse_share": {"harmful_text": 0.75},
+        "image_attention": {"harmful_text": [0.25, 0.25]},
     }
+    row["image_attention"]["benign_text"] = [0.5, 1.0]
+    assert diag.mean_image_attention(row) == 0.5  # kinds weighted alike: (0.25 + 0.75) / 2
     assert diag.cosines(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]])).tolist() == [
         pytest.approx(1.0),
         pytest.approx(1 / math.sqrt(2)),
@@ -164,6 +168,29 @@ def test_decision_logits_equal_hf_at_that_exit(tiny_checkpoints):
         expected_one = model(input_ids=ids, pixel_values=one["pixel_values"]).logits[:, -1]
     assert torch.allclose(ours_batch, out.logits[0], atol=1e-4)
     assert torch.allclose(ours_one, expected_one, atol=1e-4)
+
+
+def test_image_attention_is_the_share_hf_reports_on_the_image_tokens(tiny):
+    """The hooks' shares equal HF's own attention weights (output_attentions, eager) summed over the image tokens at
+    the last position and averaged over heads; the model's attention implementation is left as it was."""
+    model, family = tiny.model, tiny.family
+    items = builtin_suite().select("eval", kinds=("harmful_text", "benign_image"), limit_per_kind=2)
+    inputs = chat_inputs(tiny.processor, items)
+    image = (inputs["input_ids"] == family.image_token_id(model.config)).float()
+    features = family.features_per_layer(model, inputs, [5])[5]
+    own = model.config._attn_implementation
+    with diag.eager_attention(model), diag.image_attention(model, family, image) as shares:
+        diag.decision_logits(model, family, inputs, features, [])
+        lm = family.lm_inputs(model, inputs, features)
+        positions = (lm["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(**lm, position_ids=positions, output_attentions=True)
+    assert model.config._attn_implementation == own
+    expected = [(a[:, :, -1] * image[:, None]).sum(-1).mean(1) for a in out.attentions]
+    assert len(shares) == 2 * len(expected)  # the hooks also saw the second forward
+    for ours, theirs in zip(shares, expected):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    assert all(((0 < s) & (s < 1)).all() for s in shares)  # the image is read, and so are the words
 
 
 def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch, capsys):
