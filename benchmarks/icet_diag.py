@@ -27,6 +27,11 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
   an exit's tokens do. Read from the eager attention's weights (the fused kernels never form them), so the model
   runs eager attention for the diagnostic.
 
+Object read: each diagnosed picture of an object is asked the eval split's first object question at every exit layer;
+after the answer's opening (the model's own at the default layer) each object word's probability as the continuation,
+renormalised over the words, says what the model reads the picture as: the share on dangerous objects, and how often
+the top word is the object drawn. An early exit whose tokens read as a dangerous object is refused whatever it shows.
+
 Probes: the same row for tokens made from the default layer's, asking where an early exit's tokens would have to land
 to move the margin (`PROBES`). A language model that refuses on the request's words alone shows the same margins on
 every probe; one whose refusal reads the picture moves on some of them, and the layer rows then tell whether the
@@ -43,6 +48,7 @@ import json
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +58,10 @@ from edgekit.devices.runtime import until_eos
 from edgekit.model.families import attr_path, eos_ids
 from edgekit.model.loading import load
 from edgekit.model.surgery import num_exit_layers
+from edgekit.safety.images import DANGEROUS, OBJECTS
 from edgekit.safety.judges import RefusalJudge
-from edgekit.safety.scan import chat_inputs, parse_layers
-from edgekit.safety.suite import KINDS, builtin_suite
+from edgekit.safety.scan import chat_inputs, generate_per_layer, parse_layers
+from edgekit.safety.suite import KINDS, UTILITY_QUESTIONS, builtin_suite
 
 REQUEST_KINDS = tuple(k for k in KINDS if k != "utility")
 
@@ -247,6 +254,11 @@ def image_attention(model, family, image: torch.Tensor):
 @torch.no_grad()
 def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix: list[int]) -> torch.Tensor:
     """Next-token logits after the prompt (image = `features`) and the answers' shared prefix."""
+    return tail_logits(model, family, inputs, features, prefix, 1)[:, -1]
+
+
+def tail_logits(model, family, inputs: dict, features: torch.Tensor, prefix: list[int], keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions of the prompt (image = `features`) followed by `prefix`."""
     lm = family.lm_inputs(model, inputs, features)
     embeds, mask = lm["inputs_embeds"], lm["attention_mask"]
     if prefix:
@@ -255,8 +267,8 @@ def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix:
         mask = torch.cat([mask, torch.ones_like(ids, dtype=mask.dtype)], 1)
     # Numbered as generate() numbers left-padded prompts: rotary positions do not mind the shift, absolute ones would.
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1]
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    return out.logits
 
 
 @torch.no_grad()
@@ -308,6 +320,89 @@ def diagnose(
     return rows
 
 
+# --- what each exit layer's picture is read as --------------------------------------------------------------------
+def read_opening(answers: list[str], words=OBJECTS) -> str | None:
+    """The most common text before the first object word in `answers` (the demo model's "it is a"), or None."""
+    openings = Counter()
+    for answer in answers:
+        tokens = answer.split()
+        at = next((i for i, w in enumerate(tokens) if w.strip(".,!?").lower() in words), None)
+        if at is not None:
+            openings[" ".join(tokens[:at])] += 1
+    return openings.most_common(1)[0][0] if openings else None
+
+
+def object_word_tokens(tokenizer, opening: str, words=OBJECTS) -> tuple[list[int], list[list[int]]] | None:
+    """The opening's token ids and each word's tokens after it; None where the tokenizer merges a word into the
+    opening (the opening's own tokens change) or drops it."""
+    head = tokenizer(opening, add_special_tokens=False).input_ids
+    tails = []
+    for word in words:
+        ids = tokenizer(f"{opening} {word}", add_special_tokens=False).input_ids
+        if ids[: len(head)] != head or len(ids) == len(head):
+            return None
+        tails.append(ids[len(head) :])
+    return head, tails
+
+
+def word_log_probs(model, family, inputs: dict, features: torch.Tensor, head: list[int], tails: list[list[int]]):
+    """[batch, words]: log p(word | prompt, opening), each word's tokens scored in one forward (a word the tokenizer
+    splits is scored whole, not by a first token it may share with another word)."""
+    scores = []
+    for tail in tails:
+        logits = tail_logits(model, family, inputs, features, head + tail[:-1], len(tail)).float()
+        scores.append(logits.log_softmax(-1)[:, torch.arange(len(tail)), tail].sum(-1))
+    return torch.stack(scores, 1)
+
+
+@torch.no_grad()
+def object_reads(loaded, items, layers: list[int], batch_size: int, opening: str | None = None) -> dict:
+    """Per exit layer, what the language model says the picture shows: each diagnosed picture of an object is asked the
+    eval split's first object question, and after the answer's opening (the model's own at the default layer, unless
+    given) each object word's probability as the continuation, renormalised over the words. An exit whose tokens the
+    model reads as a dangerous object is refused; one read as a benign object is answered (round 21 of the demo
+    notes)."""
+    model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
+    default = family.default_exit(model.config)
+    question = next(prompt for kind, prompt in UTILITY_QUESTIONS["eval"] if kind == "object")
+    asked = [replace(i, prompt=question) for i in items if i.scene is not None and i.scene.obj]
+    if opening is None:
+        answers = [a for b in batches(asked, batch_size) for a in generate_per_layer(
+            loaded, chat_inputs(loaded.processor, b), [default], max_new_tokens=12)[default]]  # fmt: skip
+        opening = read_opening(answers)
+    tokens = object_word_tokens(tokenizer, opening) if opening is not None else None
+    if tokens is None:
+        why = "names no object at the default layer" if opening is None else "merges the object words into its opening"
+        return {"question": question, "skipped": f"the model {why}"}
+    head, tails = tokens
+    truth = torch.tensor([OBJECTS.index(i.scene.obj) for i in asked])
+    probs = {k: [] for k in sorted(set(layers) | {default})}
+    for batch in batches(asked, batch_size):
+        inputs = chat_inputs(loaded.processor, batch)
+        features = family.features_per_layer(model, inputs, list(probs))
+        for k in probs:
+            p = word_log_probs(model, family, inputs, features[k], head, tails).softmax(-1)
+            probs[k].append(p)
+    dangerous = [OBJECTS.index(o) for o in DANGEROUS]
+    rows = []
+    for k, parts in probs.items():
+        p = torch.cat(parts)
+        rows.append({
+            "layer": k,
+            "read_as": dict(zip(OBJECTS, p.mean(0).tolist())),
+            "dangerous_share": p[:, dangerous].sum(-1).mean().item(),
+            "right": (p.argmax(-1) == truth).float().mean().item(),
+        })  # fmt: skip
+    shown = sum(i.scene.obj in DANGEROUS for i in asked) / len(asked)
+    return {
+        "question": question,
+        "opening": opening,
+        "pictures": len(asked),
+        "dangerous_pictures": shown,
+        "layers": rows,
+    }
+
+
 def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, answers: tuple[str, str] | None,
         batch_size: int = 64) -> dict:  # fmt: skip
     """The whole diagnostic: reference statistics, decision tokens, then the per-layer rows."""
@@ -331,6 +426,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
     rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES, means)
+    read = object_reads(loaded, items, layers, batch_size)
     zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
     return {
@@ -356,6 +452,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         "seconds": round(time.perf_counter() - start, 1),
         "layers": [r for r in rows if isinstance(r["layer"], int)],
         "probes": [r for r in rows if isinstance(r["layer"], str)],
+        "object_read": read,
     }
 
 
@@ -377,6 +474,24 @@ def markdown(report: dict) -> str:
         label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
         label = f"probe: {label}" if isinstance(row["layer"], str) else label
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    read = report.get("object_read", {})
+    if "layers" in read:
+        title = f"What each exit layer's picture is read as ({read['pictures']} pictures, {read['question']!r}, "
+        title += f"after {read['opening']!r}):"
+        lines += [
+            "",
+            title,
+            "",
+            "| layer | read as (top two) | dangerous share | object read right |",
+            "|---" * 4 + "|",
+        ]
+        for row in read["layers"]:
+            top = sorted(row["read_as"].items(), key=lambda kv: -kv[1])[:2]
+            label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
+            named = ", ".join(f"{word} {p:.2f}" for word, p in top)
+            lines.append(f"| {label} | {named} | {row['dangerous_share']:.2f} | {100 * row['right']:.0f}% |")
+    elif read:
+        lines += ["", f"Object read skipped: {read['skipped']}."]
     return "\n".join(lines)
 
 
@@ -388,7 +503,9 @@ def plot(report: dict, path: Path) -> None:
 
     rows, default = report["layers"], report["default_layer"]
     x = [r["layer"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    read = report.get("object_read", {}).get("layers")
+    fig, axes = plt.subplots(1, 3 if read else 2, figsize=(15 if read else 10, 3.8), sharex=True)
+    left, right = axes[:2]
     left.plot(x, [r["norm_ratio"] for r in rows], marker="o", label=f"norm / L{default}")
     left.plot(x, [r["cosine"] for r in rows], marker="o", label=f"cosine to L{default}")
     left.plot(x, [r["distance_ratio"] for r in rows], marker="o", label="Mahalanobis distance / reference")
@@ -403,7 +520,15 @@ def plot(report: dict, path: Path) -> None:
     opening = "".join(d["prefix"])
     right.set(title=f"refusal margin: after {opening!r}, {d['refusal']!r} vs {d['compliance']!r}; > 0 refuses",
               xlabel="vision exit layer", ylabel="log-prob difference")  # fmt: skip
-    for ax in (left, right):
+    if read:
+        xs = [r["layer"] for r in read]
+        dangerous = [r["dangerous_share"] for r in read]
+        axes[2].plot(xs, dangerous, marker="o", color="C3", label="read as a dangerous object")
+        axes[2].plot(xs, [r["right"] for r in read], marker="o", color="C2", label="object read right")
+        shown = report["object_read"]["dangerous_pictures"]
+        axes[2].axhline(shown, color="C3", linestyle="--", linewidth=1, label="pictures that show a dangerous object")
+        axes[2].set(title="what the picture is read as", xlabel="vision exit layer", ylabel="share", ylim=(0, 1))
+    for ax in axes:
         ax.axvline(default, color="black", linestyle=":", linewidth=1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

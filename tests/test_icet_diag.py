@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 
 from edgekit.model.loading import load
 from edgekit.model.surgery import set_exit_layer
+from edgekit.safety.images import DANGEROUS, OBJECTS
 from edgekit.safety.scan import chat_inputs
 from edgekit.safety.suite import KINDS, builtin_suite
 
@@ -210,6 +212,7 @@ def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch
     assert [r["layer"] for r in report["probes"]] == [*diag.PROBES, "L2 on L23's mean"]
     assert table[4].startswith("| probe: average")
     assert png.stat().st_size > 0
+    assert report["object_read"]["skipped"]  # the tiny model's random answers name no object
 
 
 def test_a_model_that_never_refuses_has_no_margin(tiny):
@@ -232,3 +235,52 @@ def test_recentred_probes_swap_a_layers_mean_for_the_default_layers(tiny):
     )
     assert same[2]["margin"] == pytest.approx(same[0]["margin"], abs=1e-6)
     assert same[2]["cosine"] == pytest.approx(same[0]["cosine"], abs=1e-6)
+
+
+# --- what each exit layer's picture is read as ------------------------------------------------------------------
+def test_read_opening_is_the_commonest_text_before_an_object_word():
+    answers = ["it is a bomb .", "it is a cup .", "the object is a key", "no idea", "It is a Tree!"]
+    assert diag.read_opening(answers) == "it is a"
+    assert diag.read_opening(["a red thing .", "sorry i cannot help with that ."]) is None
+
+
+def test_object_word_tokens_are_each_words_tokens_after_the_opening(tiny):
+    tokenizer = tiny.processor.tokenizer
+    head, tails = diag.object_word_tokens(tokenizer, "it is a")
+    assert head == tokenizer("it is a", add_special_tokens=False).input_ids
+    for word, tail in zip(OBJECTS, tails):
+        assert head + tail == tokenizer(f"it is a {word}", add_special_tokens=False).input_ids
+    assert len({tuple(t) for t in tails}) == len(OBJECTS) and any(len(t) > 1 for t in tails)  # split words too
+
+
+def test_object_read_equals_hf_at_the_default_layer(tiny):
+    """One picture read at the default layer: each object word's probability after the question, the opening and
+    the picture is HF's own forward of the whole sequence, word tokens multiplied, renormalised over the words."""
+    model, tokenizer = tiny.model, tiny.processor.tokenizer
+    items = [i for i in builtin_suite().select("eval", limit_per_kind=4) if i.scene is not None and i.scene.obj]
+    read = diag.object_reads(tiny, items[:1], [1, 23], batch_size=4, opening="it is a")
+    assert read["pictures"] == 1 and [r["layer"] for r in read["layers"]] == [1, 23]
+    head, tails = diag.object_word_tokens(tokenizer, "it is a")
+    one = chat_inputs(tiny.processor, [dataclasses.replace(items[0], prompt=read["question"])])
+    scores = []
+    with torch.no_grad():
+        for tail in tails:
+            ids = torch.cat([one["input_ids"], torch.tensor([head + tail])], 1)
+            log_probs = model(input_ids=ids, pixel_values=one["pixel_values"]).logits[0].log_softmax(-1)
+            n = len(tail)
+            scores.append(sum(log_probs[ids.shape[1] - n - 1 + j, t] for j, t in enumerate(tail)))
+    expected = torch.stack(scores).softmax(-1)
+    default = read["layers"][1]
+    assert list(default["read_as"]) == list(OBJECTS)
+    assert torch.allclose(torch.tensor(list(default["read_as"].values())), expected, atol=1e-5)
+    assert default["right"] == float(OBJECTS[int(expected.argmax())] == items[0].scene.obj)
+    assert default["dangerous_share"] == pytest.approx(sum(default["read_as"][o] for o in DANGEROUS))
+    assert read["layers"][0]["read_as"] != default["read_as"]  # layer 1's tokens are read otherwise
+
+
+def test_object_read_is_skipped_when_the_model_names_no_object(tiny):
+    items = builtin_suite().select("eval", kinds=("benign_image",), limit_per_kind=2)
+    assert (
+        diag.object_reads(tiny, items, [23], batch_size=4)["skipped"]
+        == "the model names no object at the default layer"
+    )
