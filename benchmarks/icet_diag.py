@@ -366,9 +366,12 @@ def object_reads(loaded, items, layers: list[int], batch_size: int, opening: str
     default = family.default_exit(model.config)
     question = next(prompt for kind, prompt in UTILITY_QUESTIONS["eval"] if kind == "object")
     asked = [replace(i, prompt=question) for i in items if i.scene is not None and i.scene.obj]
+    if not asked:
+        return {"question": question, "skipped": "no picture of an object among the items"}
     if opening is None:
-        answers = [a for b in batches(asked, batch_size) for a in generate_per_layer(
-            loaded, chat_inputs(loaded.processor, b), [default], max_new_tokens=12)[default]]  # fmt: skip
+        answers = []
+        for batch in batches(asked, batch_size):
+            answers += generate_per_layer(loaded, chat_inputs(loaded.processor, batch), [default], 12)[default]
         opening = read_opening(answers)
     tokens = object_word_tokens(tokenizer, opening) if opening is not None else None
     if tokens is None:

@@ -278,9 +278,11 @@ def test_object_read_equals_hf_at_the_default_layer(tiny):
     assert read["layers"][0]["read_as"] != default["read_as"]  # layer 1's tokens are read otherwise
 
 
-def test_object_read_is_skipped_when_the_model_names_no_object(tiny):
+def test_object_read_says_why_it_is_skipped(tiny):
     items = builtin_suite().select("eval", kinds=("benign_image",), limit_per_kind=2)
     assert (
         diag.object_reads(tiny, items, [23], batch_size=4)["skipped"]
         == "the model names no object at the default layer"
     )
+    dots = [i for i in builtin_suite().select("eval", kinds=("utility",)) if i.scene.kind == "dots"][:2]
+    assert diag.object_reads(tiny, dots, [23], batch_size=4)["skipped"] == "no picture of an object among the items"
