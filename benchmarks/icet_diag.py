@@ -465,6 +465,10 @@ def mean_image_attention(row: dict) -> float:
     return sum(per_kind) / len(per_kind)
 
 
+def layer_label(layer, default: int) -> str:
+    return f"{layer} (default)" if layer == default else str(layer)
+
+
 def markdown(report: dict) -> str:
     kinds = list(report["items"])
     default = report["default_layer"]
@@ -474,7 +478,7 @@ def markdown(report: dict) -> str:
         cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
         cells.append(f"{mean_image_attention(row):.2f}")
         cells += [f"{row['margin'][k]:+.2f} ({100 * row['refuse_share'][k]:.0f}%)" for k in kinds]
-        label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
+        label = layer_label(row["layer"], default)
         label = f"probe: {label}" if isinstance(row["layer"], str) else label
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     read = report.get("object_read", {})
@@ -490,7 +494,7 @@ def markdown(report: dict) -> str:
         ]
         for row in read["layers"]:
             top = sorted(row["read_as"].items(), key=lambda kv: -kv[1])[:2]
-            label = f"{row['layer']} (default)" if row["layer"] == default else str(row["layer"])
+            label = layer_label(row["layer"], default)
             named = ", ".join(f"{word} {p:.2f}" for word, p in top)
             lines.append(f"| {label} | {named} | {row['dangerous_share']:.2f} | {100 * row['right']:.0f}% |")
     elif read:
