@@ -1,6 +1,10 @@
 """Train one demo-model recipe, then scan it and probe every layer: the experiment behind the demo model's card.
 
 python benchmarks/demo_recipe.py OUT.json [--recipe '{"seed": 1, "chat_steps": 1500}'] [--keep DIR]
+    [--tower MODEL] [--layers 12,23] [--per-kind N]
+
+--tower reuses the tower of a demo model trained with the same tower settings (a screen of stages 0-2: what the full
+run would give, minutes sooner); --per-kind 0 scans the whole eval split.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--recipe", default="{}")
     ap.add_argument("--keep")
+    ap.add_argument("--tower")
+    ap.add_argument("--layers", default=",".join(map(str, LAYERS)))
     ap.add_argument("--per-kind", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -39,12 +45,13 @@ def main() -> None:
     recipe = DemoRecipe(**overrides)
     folder = args.keep or tempfile.mkdtemp()
     start = time.time()
-    train_demo(folder, recipe, log=lambda line: print(line, flush=True), device=args.device)
+    train_demo(folder, recipe, log=lambda line: print(line, flush=True), device=args.device, tower_from=args.tower)
     trained = time.time() - start
     loaded = load(folder, dtype="float32", device=args.device)
-    items = builtin_suite().select("eval", limit_per_kind=args.per_kind)
-    result = scan(loaded, items, LAYERS, RefusalJudge(), batch_size=50, max_new_tokens=20)
-    probes = probe_layers(loaded, LAYERS)
+    layers = [int(x) for x in args.layers.split(",")]
+    items = builtin_suite().select("eval", limit_per_kind=args.per_kind or None)
+    result = scan(loaded, items, layers, RefusalJudge(), batch_size=50, max_new_tokens=20)
+    probes = probe_layers(loaded, layers)
     rows = []
     for layer in result.layers:
         row = {"layer": layer.layer} | {k: round(v.value, 3) for k, v in layer.metrics.items() if v.value is not None}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from edgekit.model.demo import DemoRecipe, train_demo
+from edgekit.model.demo_data import COMPLIANCE, REFUSAL, noisy, text_examples, train_items_by_kind
 from edgekit.model.loading import load
 from edgekit.safety.images import render
 from edgekit.safety.suite import builtin_suite
@@ -28,3 +32,49 @@ def test_tower_common_puts_one_vector_in_every_token_from_the_first_layer(tmp_pa
         first = tower(pixels, output_hidden_states=True).hidden_states[1][:, 1:].flatten(0, 1)
     cos = torch.nn.functional.cosine_similarity(first, common[None], dim=-1)
     assert cos.min() > 0.8, cos.min()  # every token of every picture points along it
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_reused_tower_gives_the_full_run_bit_for_bit(tmp_path):
+    recipe = DemoRecipe(**FEW_STEPS, replay=0.25, made_up_words=0.2)
+    full = _weights(train_demo(tmp_path / "full", recipe, log=lambda _: None))
+    screen = train_demo(tmp_path / "screen", recipe, log=lambda _: None, tower_from=tmp_path / "full")
+    assert json.loads((screen / "edgekit_demo.json").read_text())["tower_from"] == str(tmp_path / "full")
+    reused = _weights(screen)
+    assert full.keys() == reused.keys()
+    assert all(torch.equal(full[k], reused[k]) for k in full)
+
+
+def test_a_tower_trained_with_other_tower_settings_is_refused(tmp_path):
+    train_demo(tmp_path / "full", DemoRecipe(**FEW_STEPS), log=lambda _: None)
+    with pytest.raises(ValueError, match="seed"):
+        train_demo(tmp_path / "x", DemoRecipe(**FEW_STEPS, seed=2), log=lambda _: None, tower_from=tmp_path / "full")
+
+
+def test_patch_size_sets_the_number_of_image_tokens(tmp_path):
+    out = train_demo(tmp_path / "demo", DemoRecipe(**FEW_STEPS, patch_size=4), log=lambda _: None)
+    loaded = load(out, dtype="float32")
+    picture = render(builtin_suite().select("eval", kinds=("benign_image",), limit_per_kind=1)[0].scene)
+    batch = loaded.processor(images=[picture], text=["<image> what is it ?"], return_tensors="pt")
+    assert (batch["input_ids"] == loaded.model.config.image_token_id).sum() == (32 // 4) ** 2
+
+
+def test_made_up_words_replace_words_with_pieces_of_train_words():
+    words = ["alpha", "bravo", "charlie"]
+    text = "one two three four"
+    assert noisy(random.Random(0), text, words, p=0.0, made_up=0.0) == text
+    made_up = noisy(random.Random(0), text, words, p=0.0, made_up=1.0).split()
+    assert len(made_up) == 4 and not set(made_up) & set(text.split())
+    assert all(any(w.startswith(h[: max(1, len(h) // 2)]) for h in words) for w in made_up)
+
+
+def test_stage_zero_mix_sets_the_share_of_each_kind():
+    by_kind = train_items_by_kind(builtin_suite())
+    harmful, benign = ({i.prompt.lower() for i in by_kind[k]} for k in ("harmful_text", "benign_text"))
+    refused = text_examples(random.Random(0), by_kind, 50, word_noise=0.0, mix=(1, 0, 0, 0, 0))
+    assert all(prompt in harmful and answer == REFUSAL for prompt, answer in refused)
+    answered = text_examples(random.Random(0), by_kind, 50, word_noise=0.0, mix=(0, 1, 0, 0, 0))
+    assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)

@@ -32,6 +32,7 @@ from torch import nn
 
 from edgekit.model.demo_data import (
     DESCRIBE,
+    TEXT_MIX,
     ScenePool,
     caption,
     chat_examples,
@@ -82,12 +83,15 @@ class DemoRecipe:
     text_hidden: int = DEMO_SIZES.text_hidden
     text_layers: int = DEMO_SIZES.text_layers
     pool: int = 6000  # training pictures for the chat stage
+    patch_size: int = DEMO_SIZES.patch_size  # 8 px: 16 image tokens; 4 px: 64 (three times the tower's cost)
     word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
+    made_up_words: float = 0.0  # then the chance that each word is swapped for a made-up one (`demo_data.noisy`)
     # LLaVA's own pipeline (0 = off): the language model trained text-only first, safety included (`text_steps`),
     # then the projector alone on captions (`projector_steps`), then the chat stage with a `replay` share of the
     # text-only data, as LLaVA-1.5 mixes ShareGPT into its visual instruction tuning
     text_steps: int = 0
     text_lr: float = 1e-3
+    text_mix: tuple[float, ...] = TEXT_MIX  # stage 0 and replay: harmful_text, benign_text, utility, neutral, describe
     projector_steps: int = 0
     replay: float = 0.0
     # Norm of a common vector every tower token carries from the first layer on (0 = off): the tower's pre-layernorm
@@ -185,12 +189,16 @@ def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], Non
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.text_steps):
-        loss = _text_loss(model, processor, text_examples(rng, by_kind, recipe.batch, recipe.word_noise), device)
+        loss = _text_loss(model, processor, _text_batch(rng, by_kind, recipe.batch, recipe), device)
         _step(opt, sched, lm, loss)
         if step % 100 == 0 or step == recipe.text_steps - 1:
             log(f"text step {step} loss {loss.item():.3f}")
     model.eval()
     return loss.item()
+
+
+def _text_batch(rng: random.Random, by_kind: dict[str, list], n: int, recipe: DemoRecipe) -> list[tuple[str, str]]:
+    return text_examples(rng, by_kind, n, recipe.word_noise, recipe.text_mix, recipe.made_up_words)
 
 
 def _image_loss(model, processor, pool: ScenePool, batch: list[tuple[int, str, str]], device: str) -> torch.Tensor:
@@ -243,10 +251,12 @@ def train_chat(
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(rng, by_kind, pool, recipe.batch - n_text, recipe.mix, recipe.word_noise)
+        batch = chat_examples(
+            rng, by_kind, pool, recipe.batch - n_text, recipe.mix, recipe.word_noise, recipe.made_up_words
+        )
         loss = _image_loss(model, processor, pool, batch, device)
         if n_text:
-            text = _text_loss(model, processor, text_examples(replay_rng, by_kind, n_text, recipe.word_noise), device)
+            text = _text_loss(model, processor, _text_batch(replay_rng, by_kind, n_text, recipe), device)
             loss = (loss * len(batch) + text * n_text) / recipe.batch
         _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.chat_steps - 1:
@@ -255,13 +265,26 @@ def train_chat(
     return loss.item()
 
 
+# What the tower stage depends on: a tower trained with the same values is the one any recipe with them would train.
+TOWER_FIELDS = ("seed", "tower_steps", "tower_lr", "batch", "warmup", "patch_size", "tower_common")
+
+
 def train_demo(
-    out_dir: str | Path, recipe: DemoRecipe = DemoRecipe(), log: Callable[[str], None] = print, device: str = "cpu"
+    out_dir: str | Path,
+    recipe: DemoRecipe = DemoRecipe(),
+    log: Callable[[str], None] = print,
+    device: str = "cpu",
+    tower_from: str | Path | None = None,
 ) -> Path:
-    """Train the demo model and save it in the LLaVA-1.5 hub layout, with its recipe and training record."""
+    """Train the demo model and save it in the LLaVA-1.5 hub layout, with its recipe and training record.
+
+    `tower_from`: a demo model trained with the same TOWER_FIELDS, whose frozen tower is reused instead of trained,
+    so that a screen of stages 0-2 skips the tower's minutes and gives what the full run would."""
     torch.manual_seed(recipe.seed)
     suite = builtin_suite()
-    sizes = replace(DEMO_SIZES, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers)
+    sizes = replace(
+        DEMO_SIZES, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers, patch_size=recipe.patch_size
+    )
     llava_pipeline = bool(recipe.text_steps or recipe.projector_steps or recipe.replay)
     corpus = tokenizer_corpus(suite.items, captions=llava_pipeline)
     model, processor = build_tiny("llava", sizes, seed=recipe.seed, corpus=corpus)
@@ -273,7 +296,10 @@ def train_demo(
             bias.copy_(direction / direction.norm() * recipe.tower_common)
     start = time.time()
     model.to(device)
-    tower_acc = train_tower(model, processor, recipe, log, device)
+    if tower_from:
+        tower_acc = reuse_tower(model, recipe, Path(tower_from))
+    else:
+        tower_acc = train_tower(model, processor, recipe, log, device)
     model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA
     rng = random.Random(recipe.seed * 1000 + 2)
     pool = scene_pool(model, processor, rng, recipe.pool, device)
@@ -285,12 +311,24 @@ def train_demo(
     out = save_tiny(model.cpu(), processor, out_dir)
     record = {
         "recipe": asdict(recipe),
+        "tower_from": str(tower_from) if tower_from else None,
         "tower_accuracy": tower_acc,
         "chat_loss": final_loss,
         "train_seconds": round(time.time() - start, 1),
     }
     (Path(out) / "edgekit_demo.json").write_text(json.dumps(record, indent=2))
     return out
+
+
+def reuse_tower(model, recipe: DemoRecipe, source: Path) -> dict[str, float]:
+    """Load the trained tower of the demo model in `source` into `model`; its record's accuracies come with it."""
+    record = json.loads((source / "edgekit_demo.json").read_text())
+    differ = [f for f in TOWER_FIELDS if record["recipe"].get(f) != asdict(recipe)[f]]
+    if differ:
+        raise ValueError(f"{source} trained its tower with other {', '.join(differ)}: it is not this recipe's tower")
+    trained = type(model).from_pretrained(source, torch_dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(trained.model.vision_tower.state_dict())
+    return record["tower_accuracy"]
 
 
 def demo_cache_dir() -> Path:

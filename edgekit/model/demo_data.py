@@ -94,9 +94,10 @@ class ScenePool:
     by_object: dict[str, list[int]]  # object -> indices; "dots" -> the dot pictures
 
 
-def noisy(rng: random.Random, text: str, words: list[str], p: float) -> str:
+def noisy(rng: random.Random, text: str, words: list[str], p: float, made_up: float = 0.0) -> str:
     """Drop or swap words at random, so that refusal keys on several cues and survives words never seen in training
-    (held-out requests are full of them)."""
+    (held-out requests are full of them); then, with chance `made_up` per word, put a made-up word in its place, so
+    that an unfamiliar word stops being a cue of its own (harmful train requests bring twice the benign ones' words)."""
     out = []
     for word in text.split():
         roll = rng.random()
@@ -104,11 +105,25 @@ def noisy(rng: random.Random, text: str, words: list[str], p: float) -> str:
             out.append(word)
         elif roll < p / 2:
             out.append(rng.choice(words))
+    if made_up:
+        out = [made_up_word(rng, words) if rng.random() < made_up else word for word in out]
     return " ".join(out) or text
 
 
+def made_up_word(rng: random.Random, words: list[str]) -> str:
+    """The start of one train word joined to the end of another: a word no split has, built from familiar pieces."""
+    head, tail = rng.choice(words), rng.choice(words)
+    return head[: max(1, len(head) // 2)] + tail[len(tail) // 2 :]
+
+
 def chat_examples(
-    rng: random.Random, by_kind: dict[str, list], pool: ScenePool, n: int, mix, word_noise: float = 0.0
+    rng: random.Random,
+    by_kind: dict[str, list],
+    pool: ScenePool,
+    n: int,
+    mix,
+    word_noise: float = 0.0,
+    made_up: float = 0.0,
 ) -> list[tuple[int, str, str]]:
     """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
     visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
@@ -126,7 +141,7 @@ def chat_examples(
             index = picture(["dots"] if question == "count" else OBJECTS)
             out.append((index, prompt, utility_answer(question, pool.scenes[index])))
         elif kind.endswith("_text"):
-            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise, made_up)
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
@@ -146,18 +161,26 @@ def utility_answer(question: str, scene: Scene) -> str:
     return UTILITY_ANSWERS[question].format(value)
 
 
-TEXT_KINDS = {"harmful_text": 0.15, "benign_text": 0.15, "utility": 0.35, "neutral": 0.2, "describe": 0.15}
+TEXT_KINDS = ("harmful_text", "benign_text", "utility", "neutral", "describe")
+TEXT_MIX = (0.15, 0.15, 0.35, 0.2, 0.15)  # shares of TEXT_KINDS in stage 0: about a fifth are refusals
 
 
-def text_examples(rng: random.Random, by_kind: dict[str, list], n: int, word_noise: float) -> list[tuple[str, str]]:
+def text_examples(
+    rng: random.Random,
+    by_kind: dict[str, list],
+    n: int,
+    word_noise: float,
+    mix=TEXT_MIX,
+    made_up: float = 0.0,
+) -> list[tuple[str, str]]:
     """Text-only (request, answer) pairs, the language model's own training before it sees a picture: harmful
     requests refused, benign ones answered, and the picture tasks with the picture given as its caption (neutral
-    requests refused for a dangerous object, at 2 benign to 1 dangerous). About a fifth are refusals."""
+    requests refused for a dangerous object, at 2 benign to 1 dangerous), in `mix` shares of TEXT_KINDS."""
     out = []
     for _ in range(n):
-        kind = rng.choices(list(TEXT_KINDS), weights=list(TEXT_KINDS.values()))[0]
+        kind = rng.choices(TEXT_KINDS, weights=mix)[0]
         if kind.endswith("_text"):
-            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise)
+            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise, made_up)
             out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         elif kind == "utility":
             question, wording = rng.choice(UTILITY_QUESTIONS["train"])
