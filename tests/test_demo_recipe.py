@@ -48,10 +48,11 @@ def test_a_reused_tower_gives_the_full_run_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], reused[k]) for k in full)
 
 
-def test_a_tower_trained_with_other_tower_settings_is_refused(tmp_path):
+@pytest.mark.parametrize("other", [{"seed": 2}, {"tower_batch": 2}])
+def test_a_tower_trained_with_other_tower_settings_is_refused(tmp_path, other):
     train_demo(tmp_path / "full", DemoRecipe(**FEW_STEPS), log=lambda _: None)
-    with pytest.raises(ValueError, match="seed"):
-        train_demo(tmp_path / "x", DemoRecipe(**FEW_STEPS, seed=2), log=lambda _: None, tower_from=tmp_path / "full")
+    with pytest.raises(ValueError, match=next(iter(other))):
+        train_demo(tmp_path / "x", DemoRecipe(**FEW_STEPS, **other), log=lambda _: None, tower_from=tmp_path / "full")
 
 
 def test_patch_size_sets_the_number_of_image_tokens(tmp_path):

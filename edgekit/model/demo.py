@@ -77,6 +77,9 @@ class DemoRecipe:
     chat_steps: int = 1200
     chat_lr: float = 1e-3
     batch: int = 32
+    tower_batch: int = (
+        0  # pictures per tower step (0 = `batch`): smaller batches, more steps recognise better per second
+    )
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
     mix: tuple[float, ...] = (0.27, 0.33, 0.12, 0.14, 0.14)
@@ -122,7 +125,7 @@ def train_tower(
     tower.train()
     acc: dict[str, float] = {}
     for step in range(recipe.tower_steps):
-        scenes = [random_scene(rng) for _ in range(recipe.batch)]
+        scenes = [random_scene(rng) for _ in range(recipe.tower_batch or recipe.batch)]
         pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
         hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
         labels = {k: torch.tensor([scene_labels(s)[k] for s in scenes], device=device) for k in heads}
@@ -266,7 +269,7 @@ def train_chat(
 
 
 # What the tower stage depends on: a tower trained with the same values is the one any recipe with them would train.
-TOWER_FIELDS = ("seed", "tower_steps", "tower_lr", "batch", "warmup", "patch_size", "tower_common")
+TOWER_FIELDS = ("seed", "tower_steps", "tower_lr", "batch", "tower_batch", "warmup", "patch_size", "tower_common")
 
 
 def train_demo(
@@ -323,7 +326,8 @@ def train_demo(
 def reuse_tower(model, recipe: DemoRecipe, source: Path) -> dict[str, float]:
     """Load the trained tower of the demo model in `source` into `model`; its record's accuracies come with it."""
     record = json.loads((source / "edgekit_demo.json").read_text())
-    differ = [f for f in TOWER_FIELDS if record["recipe"].get(f) != asdict(recipe)[f]]
+    defaults, wanted = asdict(DemoRecipe()), asdict(recipe)
+    differ = [f for f in TOWER_FIELDS if record["recipe"].get(f, defaults[f]) != wanted[f]]
     if differ:
         raise ValueError(f"{source} trained its tower with other {', '.join(differ)}: it is not this recipe's tower")
     trained = type(model).from_pretrained(source, torch_dtype=torch.float32)
