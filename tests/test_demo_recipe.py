@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from edgekit.model.demo import DemoRecipe, train_demo
-from edgekit.model.demo_data import COMPLIANCE, REFUSAL, noisy, text_examples, train_items_by_kind
+from edgekit.model.demo_data import COMPLIANCE, REFUSAL, WordNoise, text_examples, train_items_by_kind
 from edgekit.model.loading import load
 from edgekit.safety.images import render
-from edgekit.safety.suite import builtin_suite
+from edgekit.safety.suite import NEUTRAL_REQUESTS, builtin_suite
 
 FEW_STEPS = dict(tower_steps=2, chat_steps=2, text_steps=2, projector_steps=2, warmup=1, batch=4, pool=16)
 
@@ -66,8 +66,8 @@ def test_patch_size_sets_the_number_of_image_tokens(tmp_path):
 def test_made_up_words_replace_words_with_pieces_of_train_words():
     words = ["alpha", "bravo", "charlie"]
     text = "one two three four"
-    assert noisy(random.Random(0), text, words, p=0.0, made_up=0.0) == text
-    made_up = noisy(random.Random(0), text, words, p=0.0, made_up=1.0).split()
+    assert WordNoise()(random.Random(0), text, words) == text
+    made_up = WordNoise(made_up=1.0)(random.Random(0), text, words).split()
     assert len(made_up) == 4 and not set(made_up) & set(text.split())
     assert all(any(w.startswith(h[: max(1, len(h) // 2)]) for h in words) for w in made_up)
 
@@ -75,7 +75,16 @@ def test_made_up_words_replace_words_with_pieces_of_train_words():
 def test_stage_zero_mix_sets_the_share_of_each_kind():
     by_kind = train_items_by_kind(builtin_suite())
     harmful, benign = ({i.prompt.lower() for i in by_kind[k]} for k in ("harmful_text", "benign_text"))
-    refused = text_examples(random.Random(0), by_kind, 50, word_noise=0.0, mix=(1, 0, 0, 0, 0))
+    refused = text_examples(random.Random(0), by_kind, 50, WordNoise(), mix=(1, 0, 0, 0, 0))
     assert all(prompt in harmful and answer == REFUSAL for prompt, answer in refused)
-    answered = text_examples(random.Random(0), by_kind, 50, word_noise=0.0, mix=(0, 1, 0, 0, 0))
+    answered = text_examples(random.Random(0), by_kind, 50, WordNoise(), mix=(0, 1, 0, 0, 0))
     assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)
+
+
+def test_neutral_requests_get_the_noise_only_when_asked():
+    by_kind = train_items_by_kind(builtin_suite())
+    wordings = set(NEUTRAL_REQUESTS["train"])
+    plain = WordNoise(0.3, 0.3)
+    assert all(plain.neutral_request(random.Random(i), by_kind["words"]) in wordings for i in range(20))
+    noisy = WordNoise(0.3, 0.3, neutral=True)
+    assert sum(noisy.neutral_request(random.Random(i), by_kind["words"]) not in wordings for i in range(20)) > 15

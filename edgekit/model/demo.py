@@ -34,6 +34,7 @@ from edgekit.model.demo_data import (
     DESCRIBE,
     TEXT_MIX,
     ScenePool,
+    WordNoise,
     caption,
     chat_examples,
     encode_chat,
@@ -88,7 +89,8 @@ class DemoRecipe:
     pool: int = 6000  # training pictures for the chat stage
     patch_size: int = DEMO_SIZES.patch_size  # 8 px: 16 image tokens; 4 px: 64 (three times the tower's cost)
     word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
-    made_up_words: float = 0.0  # then the chance that each word is swapped for a made-up one (`demo_data.noisy`)
+    made_up_words: float = 0.0  # then the chance that each word is swapped for a made-up one (`WordNoise`)
+    noise_neutral: bool = False  # the neutral requests about pictures get the same noise
     # LLaVA's own pipeline (0 = off): the language model trained text-only first, safety included (`text_steps`),
     # then the projector alone on captions (`projector_steps`), then the chat stage with a `replay` share of the
     # text-only data, as LLaVA-1.5 mixes ShareGPT into its visual instruction tuning
@@ -201,7 +203,11 @@ def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], Non
 
 
 def _text_batch(rng: random.Random, by_kind: dict[str, list], n: int, recipe: DemoRecipe) -> list[tuple[str, str]]:
-    return text_examples(rng, by_kind, n, recipe.word_noise, recipe.text_mix, recipe.made_up_words)
+    return text_examples(rng, by_kind, n, _noise(recipe), recipe.text_mix)
+
+
+def _noise(recipe: DemoRecipe) -> WordNoise:
+    return WordNoise(recipe.word_noise, recipe.made_up_words, recipe.noise_neutral)
 
 
 def _image_loss(model, processor, pool: ScenePool, batch: list[tuple[int, str, str]], device: str) -> torch.Tensor:
@@ -254,9 +260,7 @@ def train_chat(
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
-        batch = chat_examples(
-            rng, by_kind, pool, recipe.batch - n_text, recipe.mix, recipe.word_noise, recipe.made_up_words
-        )
+        batch = chat_examples(rng, by_kind, pool, recipe.batch - n_text, recipe.mix, _noise(recipe))
         loss = _image_loss(model, processor, pool, batch, device)
         if n_text:
             text = _text_loss(model, processor, _text_batch(replay_rng, by_kind, n_text, recipe), device)

@@ -94,20 +94,33 @@ class ScenePool:
     by_object: dict[str, list[int]]  # object -> indices; "dots" -> the dot pictures
 
 
-def noisy(rng: random.Random, text: str, words: list[str], p: float, made_up: float = 0.0) -> str:
-    """Drop or swap words at random, so that refusal keys on several cues and survives words never seen in training
-    (held-out requests are full of them); then, with chance `made_up` per word, put a made-up word in its place, so
-    that an unfamiliar word stops being a cue of its own (harmful train requests bring twice the benign ones' words)."""
-    out = []
-    for word in text.split():
-        roll = rng.random()
-        if roll >= p:
-            out.append(word)
-        elif roll < p / 2:
-            out.append(rng.choice(words))
-    if made_up:
-        out = [made_up_word(rng, words) if rng.random() < made_up else word for word in out]
-    return " ".join(out) or text
+@dataclass(frozen=True)
+class WordNoise:
+    """How training requests are perturbed. Words are dropped or swapped for a random train word (chance
+    `drop_or_swap` each, half and half), so that refusal keys on several cues and survives words never seen in
+    training (held-out requests are full of them); then each word becomes a made-up one (chance `made_up`), so that an
+    unfamiliar word stops being a cue of its own (harmful train requests bring twice the benign ones' words). Text
+    requests always get it; the neutral requests about a picture (ten train wordings) only with `neutral`."""
+
+    drop_or_swap: float = 0.0
+    made_up: float = 0.0
+    neutral: bool = False
+
+    def __call__(self, rng: random.Random, text: str, words: list[str]) -> str:
+        out = []
+        for word in text.split():
+            roll = rng.random()
+            if roll >= self.drop_or_swap:
+                out.append(word)
+            elif roll < self.drop_or_swap / 2:
+                out.append(rng.choice(words))
+        if self.made_up:
+            out = [made_up_word(rng, words) if rng.random() < self.made_up else word for word in out]
+        return " ".join(out) or text
+
+    def neutral_request(self, rng: random.Random, words: list[str]) -> str:
+        request = rng.choice(NEUTRAL_REQUESTS["train"])
+        return self(rng, request, words) if self.neutral else request
 
 
 def made_up_word(rng: random.Random, words: list[str]) -> str:
@@ -122,8 +135,7 @@ def chat_examples(
     pool: ScenePool,
     n: int,
     mix,
-    word_noise: float = 0.0,
-    made_up: float = 0.0,
+    noise: WordNoise = WordNoise(),
 ) -> list[tuple[int, str, str]]:
     """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
     visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
@@ -141,13 +153,12 @@ def chat_examples(
             index = picture(["dots"] if question == "count" else OBJECTS)
             out.append((index, prompt, utility_answer(question, pool.scenes[index])))
         elif kind.endswith("_text"):
-            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise, made_up)
+            prompt = noise(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
-            out.append(
-                (index, rng.choice(NEUTRAL_REQUESTS["train"]), REFUSAL if kind == "harmful_image" else COMPLIANCE)
-            )
+            request = noise.neutral_request(rng, by_kind["words"])
+            out.append((index, request, REFUSAL if kind == "harmful_image" else COMPLIANCE))
     return out
 
 
@@ -169,9 +180,8 @@ def text_examples(
     rng: random.Random,
     by_kind: dict[str, list],
     n: int,
-    word_noise: float,
+    noise: WordNoise,
     mix=TEXT_MIX,
-    made_up: float = 0.0,
 ) -> list[tuple[str, str]]:
     """Text-only (request, answer) pairs, the language model's own training before it sees a picture: harmful
     requests refused, benign ones answered, and the picture tasks with the picture given as its caption (neutral
@@ -180,7 +190,7 @@ def text_examples(
     for _ in range(n):
         kind = rng.choices(TEXT_KINDS, weights=mix)[0]
         if kind.endswith("_text"):
-            prompt = noisy(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"], word_noise, made_up)
+            prompt = noise(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
             out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         elif kind == "utility":
             question, wording = rng.choice(UTILITY_QUESTIONS["train"])
@@ -191,7 +201,7 @@ def text_examples(
             scene = random_object_scene(rng)
             while (scene.obj in DANGEROUS) != dangerous:
                 scene = random_object_scene(rng)
-            request = rng.choice(NEUTRAL_REQUESTS["train"])
+            request = noise.neutral_request(rng, by_kind["words"])
             out.append((f"{caption(scene)} {request}", REFUSAL if dangerous else COMPLIANCE))
         else:
             scene = random_scene(rng)
