@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgekit.model.demo import DemoRecipe, train_demo
-from edgekit.model.demo_data import COMPLIANCE, REFUSAL, WordNoise, text_examples, train_items_by_kind
+from edgekit.model.demo_data import COMPLIANCE, NEUTRAL_WORDS, REFUSAL, WordNoise, text_examples, train_items_by_kind
 from edgekit.model.loading import load
 from edgekit.safety.images import render
 from edgekit.safety.suite import NEUTRAL_REQUESTS, builtin_suite
@@ -81,10 +81,9 @@ def test_stage_zero_mix_sets_the_share_of_each_kind():
     assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)
 
 
-def test_neutral_requests_get_the_noise_only_when_asked():
-    by_kind = train_items_by_kind(builtin_suite())
+def test_neutral_requests_get_the_noise_only_when_asked_and_only_their_own_words():
     wordings = set(NEUTRAL_REQUESTS["train"])
-    plain = WordNoise(0.3, 0.3)
-    assert all(plain.neutral_request(random.Random(i), by_kind["words"]) in wordings for i in range(20))
-    noisy = WordNoise(0.3, 0.3, neutral=True)
-    assert sum(noisy.neutral_request(random.Random(i), by_kind["words"]) not in wordings for i in range(20)) > 15
+    assert all(WordNoise(0.3, 0.3).neutral_request(random.Random(i)) in wordings for i in range(20))
+    noised = [WordNoise(0.5, neutral=True).neutral_request(random.Random(i)) for i in range(20)]
+    assert sum(request not in wordings for request in noised) > 15
+    assert {word for request in noised for word in request.split()} <= set(NEUTRAL_WORDS)

@@ -118,9 +118,14 @@ class WordNoise:
             out = [made_up_word(rng, words) if rng.random() < self.made_up else word for word in out]
         return " ".join(out) or text
 
-    def neutral_request(self, rng: random.Random, words: list[str]) -> str:
+    def neutral_request(self, rng: random.Random) -> str:
+        """A neutral train request, its words swapped only among the neutral wordings' own: a harmful request's words
+        in a request answered beside a benign picture would teach that harmful words beside a picture are answered."""
         request = rng.choice(NEUTRAL_REQUESTS["train"])
-        return self(rng, request, words) if self.neutral else request
+        return self(rng, request, NEUTRAL_WORDS) if self.neutral else request
+
+
+NEUTRAL_WORDS = sorted({word for request in NEUTRAL_REQUESTS["train"] for word in request.split()})
 
 
 def made_up_word(rng: random.Random, words: list[str]) -> str:
@@ -157,7 +162,7 @@ def chat_examples(
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
-            request = noise.neutral_request(rng, by_kind["words"])
+            request = noise.neutral_request(rng)
             out.append((index, request, REFUSAL if kind == "harmful_image" else COMPLIANCE))
     return out
 
@@ -201,7 +206,7 @@ def text_examples(
             scene = random_object_scene(rng)
             while (scene.obj in DANGEROUS) != dangerous:
                 scene = random_object_scene(rng)
-            request = noise.neutral_request(rng, by_kind["words"])
+            request = noise.neutral_request(rng)
             out.append((f"{caption(scene)} {request}", REFUSAL if dangerous else COMPLIANCE))
         else:
             scene = random_scene(rng)
