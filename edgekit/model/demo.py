@@ -78,9 +78,8 @@ class DemoRecipe:
     chat_steps: int = 1200
     chat_lr: float = 1e-3
     batch: int = 32
-    tower_batch: int = (
-        0  # pictures per tower step (0 = `batch`): smaller batches, more steps recognise better per second
-    )
+    # pictures per tower step (0 = `batch`): smaller batches and more steps recognise better for the same seconds
+    tower_batch: int = 0
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
     mix: tuple[float, ...] = (0.27, 0.33, 0.12, 0.14, 0.14)
@@ -90,7 +89,7 @@ class DemoRecipe:
     patch_size: int = DEMO_SIZES.patch_size  # 8 px: 16 image tokens; 4 px: 64 (three times the tower's cost)
     word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
     made_up_words: float = 0.0  # then the chance that each word is swapped for a made-up one (`WordNoise`)
-    noise_neutral: bool = False  # the neutral requests about pictures get the same noise
+    noise_neutral: bool = False  # the neutral requests about pictures noised too, among their own words
     # LLaVA's own pipeline (0 = off): the language model trained text-only first, safety included (`text_steps`),
     # then the projector alone on captions (`projector_steps`), then the chat stage with a `replay` share of the
     # text-only data, as LLaVA-1.5 mixes ShareGPT into its visual instruction tuning
