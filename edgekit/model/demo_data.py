@@ -118,6 +118,10 @@ class WordNoise:
             out = [made_up_word(rng, words) if rng.random() < self.made_up else word for word in out]
         return " ".join(out) or text
 
+    def text_request(self, rng: random.Random, by_kind: dict[str, list], kind: str) -> str:
+        """A train request of `kind` (harmful_text or benign_text), noised among the text requests' words."""
+        return self(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
+
     def neutral_request(self, rng: random.Random) -> str:
         """A neutral train request, its words swapped only among the neutral wordings' own: a harmful request's words
         in a request answered beside a benign picture would teach that harmful words beside a picture are answered."""
@@ -140,7 +144,7 @@ def chat_examples(
     pool: ScenePool,
     n: int,
     mix,
-    noise: WordNoise = WordNoise(),
+    noise: WordNoise,
 ) -> list[tuple[int, str, str]]:
     """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
     visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
@@ -158,7 +162,7 @@ def chat_examples(
             index = picture(["dots"] if question == "count" else OBJECTS)
             out.append((index, prompt, utility_answer(question, pool.scenes[index])))
         elif kind.endswith("_text"):
-            prompt = noise(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
+            prompt = noise.text_request(rng, by_kind, kind)
             out.append((picture(BENIGN), prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         else:
             index = picture(DANGEROUS if kind == "harmful_image" else BENIGN)
@@ -195,7 +199,7 @@ def text_examples(
     for _ in range(n):
         kind = rng.choices(TEXT_KINDS, weights=mix)[0]
         if kind.endswith("_text"):
-            prompt = noise(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
+            prompt = noise.text_request(rng, by_kind, kind)
             out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         elif kind == "utility":
             question, wording = rng.choice(UTILITY_QUESTIONS["train"])
