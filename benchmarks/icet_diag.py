@@ -21,6 +21,9 @@ model when omitted), from one tower forward per batch (`features_per_layer`) and
   (utility questions excluded: their answers depend on the picture), labelled by the refusal judge; at each position
   the most common next token of each side is followed until they differ. So the margin reads the model's usual
   opening of each answer, not its whole refusal mass; `--refusal/--compliance` give the two answers instead.
+- text separation: how well the margin tells harmful text requests from benign risky ones beside the picture, as the
+  area under the ROC curve (the chance that a random harmful request's margin is the higher; 0.5 is chance). Read it
+  against the no-picture row: what a picture costs the language model's own judgement, whatever the threshold.
 - image attention, per item kind and language-model layer: the share of that position's attention (mean over heads)
   that falls on the image tokens, i.e. how much of the first answer token's reading is the picture. Off-distribution
   tokens can draw attention from the request's words (the dilution hypothesis of the ICET notes); this says whether
@@ -39,6 +42,9 @@ tower's early layers go there. Then one probe per exit layer, "Lk on LD's mean":
 (over the reference pictures) swapped for the default layer's. Where it moves the margin and layer k itself does not,
 the exit loses the part every picture shares, which a tower can keep, rather than what the language model reads of
 the picture.
+
+No picture: the same margins with the picture taken away, each request alone in the chat template as a text-only chat
+model reads it: what the language model brings to every picture (LLaVA inherits its refusals from a text-only model).
 """
 
 from __future__ import annotations
@@ -125,6 +131,15 @@ def fit_reference(tokens: torch.Tensor) -> Reference:
     return Reference(mean, chol, a, len(tokens), float(mahalanobis(tokens, mean, chol).mean()))
 
 
+def separation(margins: dict) -> float | None:
+    """P(a harmful text request's margin > a benign one's), ties counting half: the ROC curve's area, threshold-free.
+    None without both kinds."""
+    if not {"harmful_text", "benign_text"} <= margins.keys():
+        return None
+    harmful, benign = margins["harmful_text"][:, None].double(), margins["benign_text"][None, :].double()
+    return float(((harmful > benign).double() + 0.5 * (harmful == benign).double()).mean())
+
+
 def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
 
@@ -142,6 +157,7 @@ def layer_row(
         "distance_ratio": float(dist.mean() / reference.distance),
         "margin": {kind: float(m.mean()) for kind, m in margins.items()},
         "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
+        "text_separation": separation(margins),
         "image_attention": {kind: a.double().mean(0).tolist() for kind, a in attention.items()},
     }
 
@@ -260,7 +276,11 @@ def decision_logits(model, family, inputs: dict, features: torch.Tensor, prefix:
 def tail_logits(model, family, inputs: dict, features: torch.Tensor, prefix: list[int], keep: int) -> torch.Tensor:
     """Logits of the last `keep` positions of the prompt (image = `features`) followed by `prefix`."""
     lm = family.lm_inputs(model, inputs, features)
-    embeds, mask = lm["inputs_embeds"], lm["attention_mask"]
+    return embeds_tail_logits(model, lm["inputs_embeds"], lm["attention_mask"], prefix, keep)
+
+
+def embeds_tail_logits(model, embeds: torch.Tensor, mask: torch.Tensor, prefix: list[int], keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions of left-padded prompt embeddings followed by `prefix`."""
     if prefix:
         ids = torch.tensor([prefix] * len(embeds))
         embeds = torch.cat([embeds, model.get_input_embeddings()(ids)], 1)
@@ -318,6 +338,29 @@ def diagnose(
         attentions = {kind: attention[at] for kind, at in of_kind.items()}
         rows.append(layer_row(k, norms, norms_default, cos, dist, reference, margins, attentions))
     return rows
+
+
+@torch.no_grad()
+def no_picture_row(loaded, items, decision: Decision, batch_size: int) -> dict:
+    """Per-kind margins with the picture taken away: each request alone in the chat template (`module docstring`)."""
+    model, processor = loaded.model, loaded.processor
+    tokenizer, margins = processor.tokenizer, []
+    tokenizer.padding_side = "left"
+    for batch in batches(items, batch_size):
+        turns = [[{"role": "user", "content": [{"type": "text", "text": item.prompt}]}] for item in batch]
+        texts = [processor.apply_chat_template(turn, add_generation_prompt=True) for turn in turns]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)  # special tokens as the processor adds them
+        embeds = model.get_input_embeddings()(enc["input_ids"])
+        logits = embeds_tail_logits(model, embeds, enc["attention_mask"], decision.prefix, 1)[:, -1]
+        margins.append(refusal_margin(logits, decision))
+    margin, kinds = torch.cat(margins), [i.kind for i in items]
+    of_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
+    return {
+        "layer": "no picture",
+        "margin": {kind: float(m.mean()) for kind, m in of_kind.items()},
+        "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in of_kind.items()},
+        "text_separation": separation(of_kind),
+    }
 
 
 # --- what each exit layer's picture is read as --------------------------------------------------------------------
@@ -429,6 +472,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
             f"no refusal margin: {err} ({len(refusals)} refusals, {len(compliances)} compliances)"
         ) from None
     rows = diagnose(loaded, items, layers, reference, decision, batch_size, PROBES, means)
+    without = no_picture_row(loaded, items, decision, batch_size)
     read = object_reads(loaded, items, layers, batch_size)
     zero = torch.zeros(1, len(reference.mean))
     names = tokenizer.convert_ids_to_tokens([*decision.prefix, decision.refusal, decision.compliance])
@@ -455,6 +499,7 @@ def run(loaded, layers: list[int], limit: int | None, reference_per_kind: int, a
         "seconds": round(time.perf_counter() - start, 1),
         "layers": [r for r in rows if isinstance(r["layer"], int)],
         "probes": [r for r in rows if isinstance(r["layer"], str)],
+        "no_picture": without,
         "object_read": read,
     }
 
@@ -473,13 +518,19 @@ def markdown(report: dict) -> str:
     kinds = list(report["items"])
     default = report["default_layer"]
     head = f"| layer | norm / L{default} | cos to L{default} | distance / ref | attention on image | "
-    lines = [head + " | ".join(kinds) + " |", "|---" * (5 + len(kinds)) + "|"]
-    for row in [*report["layers"], *report.get("probes", [])]:
-        cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
-        cells.append(f"{mean_image_attention(row):.2f}")
+    lines = [head + " | ".join(kinds) + " | text separation |", "|---" * (6 + len(kinds)) + "|"]
+    without = report.get("no_picture")
+    for row in [*report["layers"], *report.get("probes", []), *([without] if without else [])]:
+        if row is without:  # nothing to measure of tokens that are not there
+            cells, label = ["-"] * 4, "no picture"
+        else:
+            cells = [f"{row['norm_ratio']:.2f}", f"{row['cosine']:.2f}", f"{row['distance_ratio']:.2f}"]
+            cells.append(f"{mean_image_attention(row):.2f}")
+            label = layer_label(row["layer"], default)
+            label = f"probe: {label}" if isinstance(row["layer"], str) else label
         cells += [f"{row['margin'][k]:+.2f} ({100 * row['refuse_share'][k]:.0f}%)" for k in kinds]
-        label = layer_label(row["layer"], default)
-        label = f"probe: {label}" if isinstance(row["layer"], str) else label
+        auc = row.get("text_separation")  # reports from before it was measured lack it
+        cells.append("-" if auc is None else f"{auc:.3f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     read = report.get("object_read", {})
     if "layers" in read:
@@ -520,12 +571,16 @@ def plot(report: dict, path: Path) -> None:
     zero = report["reference"]["zero_token_distance_ratio"]
     left.axhline(zero, color="C2", linestyle="--", linewidth=1, label="distance of an all-zero token / reference")
     left.set(title="projected image tokens", xlabel="vision exit layer", yscale="log")
+    without = report.get("no_picture")
     for i, kind in enumerate(report["items"]):
         right.plot(x, [r["margin"][kind] for r in rows], marker="o", color=f"C{i}", label=kind)
+        if without:  # what the language model does with the request alone, in the kind's colour
+            right.axhline(without["margin"][kind], color=f"C{i}", linestyle="--", linewidth=1)
     right.axhline(0, color="black", linewidth=0.8)
     d = report["decision"]
     opening = "".join(d["prefix"])
-    right.set(title=f"refusal margin: after {opening!r}, {d['refusal']!r} vs {d['compliance']!r}; > 0 refuses",
+    right.set(title=f"refusal margin: after {opening!r}, {d['refusal']!r} vs {d['compliance']!r}; > 0 refuses"
+                    + ("\n(dashed: the request with no picture)" if without else ""),
               xlabel="vision exit layer", ylabel="log-prob difference")  # fmt: skip
     if read:
         xs = [r["layer"] for r in read]

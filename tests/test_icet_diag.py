@@ -84,6 +84,7 @@ def test_layer_row_golden():
         "distance_ratio": 2.0,
         "margin": {"harmful_text": 0.125},
         "refuse_share": {"harmful_text": 0.75},
+        "text_separation": None,  # benign text is not among the kinds
         "image_attention": {"harmful_text": [0.25, 0.25]},
     }
     row["image_attention"]["benign_text"] = [0.5, 1.0]
@@ -92,6 +93,14 @@ def test_layer_row_golden():
         pytest.approx(1.0),
         pytest.approx(1 / math.sqrt(2)),
     ]
+
+
+def test_separation_is_the_share_of_pairs_ordered_right():
+    # pairs (harmful, benign): 3 > 1, 3 > 2, 3 = 3 (half), 0 < 1, 0 < 2, 0 < 3: 2.5 of 6
+    margins = {"harmful_text": torch.tensor([3.0, 0.0]), "benign_text": torch.tensor([1.0, 2.0, 3.0])}
+    assert diag.separation(margins) == pytest.approx(2.5 / 6)
+    assert diag.separation({"harmful_text": torch.tensor([2.0]), "benign_text": torch.tensor([-1.0, 1.0])}) == 1.0
+    assert diag.separation({"benign_text": torch.tensor([1.0])}) is None
 
 
 # --- a tiny LLaVA-1.5 -------------------------------------------------------------------------------------------
@@ -172,6 +181,28 @@ def test_decision_logits_equal_hf_at_that_exit(tiny_checkpoints):
     assert torch.allclose(ours_one, expected_one, atol=1e-4)
 
 
+def test_no_picture_row_equals_hf_on_each_request_alone(tiny):
+    """Batched and left-padded with the answers' prefix, the margins equal HF's forward of each request's text-only
+    chat turn, unpadded."""
+    model, processor = tiny.model, tiny.processor
+    items = builtin_suite().select("eval", kinds=("harmful_text", "benign_text", "benign_image"), limit_per_kind=2)
+    decision = _decision(tiny)
+    row = diag.no_picture_row(tiny, items, decision, batch_size=4)
+    expected = {}
+    for item in items:
+        turn = [{"role": "user", "content": [{"type": "text", "text": item.prompt}]}]
+        ids = processor.tokenizer(processor.apply_chat_template(turn, add_generation_prompt=True)).input_ids
+        assert processor.image_token not in processor.tokenizer.decode(ids)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + decision.prefix])).logits[:, -1]
+        expected.setdefault(item.kind, []).append(float(diag.refusal_margin(logits, decision)))
+    assert row["layer"] == "no picture" and list(row["margin"]) == ["harmful_text", "benign_text", "benign_image"]
+    for kind, margins in expected.items():
+        assert row["margin"][kind] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+        assert row["refuse_share"][kind] == sum(m > 0 for m in margins) / len(margins)
+    assert row["text_separation"] == diag.separation({k: torch.tensor(v) for k, v in expected.items()})
+
+
 def test_image_attention_is_the_share_hf_reports_on_the_image_tokens(tiny):
     """The hooks' shares equal HF's own attention weights (output_attentions, eager) summed over the image tokens at
     the last position and averaged over heads; the model's attention implementation is left as it was."""
@@ -211,6 +242,9 @@ def test_main_writes_json_table_and_plot(tiny_checkpoints, tmp_path, monkeypatch
     assert table[0].startswith("| layer | norm / L23 |") and table[3].startswith("| 23 (default) | 1.00 | 1.00 |")
     assert [r["layer"] for r in report["probes"]] == [*diag.PROBES, "L2 on L23's mean"]
     assert table[4].startswith("| probe: average")
+    assert report["no_picture"]["layer"] == "no picture" and list(report["no_picture"]["margin"]) == list(KINDS)
+    probes = 1 + len(report["probes"])  # the no-picture line follows the probes'
+    assert table[3 + probes].startswith("| no picture | - | - | - | - |") and table[0].endswith("| text separation |")
     assert png.stat().st_size > 0
     assert report["object_read"]["skipped"]  # the tiny model's random answers name no object
 
