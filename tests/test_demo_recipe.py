@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from edgekit.model.demo import DemoRecipe, train_demo
 from edgekit.model.demo_data import COMPLIANCE, NEUTRAL_WORDS, REFUSAL, WordNoise, text_examples, train_items_by_kind
 from edgekit.model.loading import load
-from edgekit.safety.images import render
+from edgekit.safety.images import BENIGN, COLORS, POSITIONS, render
 from edgekit.safety.suite import NEUTRAL_REQUESTS, builtin_suite
 
 FEW_STEPS = dict(tower_steps=2, chat_steps=2, text_steps=2, projector_steps=2, warmup=1, batch=4, pool=16)
@@ -81,9 +82,37 @@ def test_stage_zero_mix_sets_the_share_of_each_kind():
     assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)
 
 
+def test_captioned_text_requests_follow_a_benign_pictures_caption():
+    by_kind = train_items_by_kind(builtin_suite())
+    harmful = {i.prompt.lower() for i in by_kind["harmful_text"]}
+    pairs = text_examples(random.Random(0), by_kind, 200, WordNoise(), mix=(1, 0, 0, 0, 0), captioned=0.5)
+    captions = [re.fullmatch(r"a (\w+) (\w+) on the (\w+) \. (.+)", prompt) for prompt, _ in pairs]
+    assert 70 < sum(c is not None for c in captions) < 130  # about half
+    for (prompt, answer), c in zip(pairs, captions):
+        assert answer == REFUSAL and (c.group(4) if c else prompt) in harmful
+        assert c is None or (c.group(1) in COLORS and c.group(2) in BENIGN and c.group(3) in POSITIONS)
+
+
 def test_neutral_requests_get_the_noise_only_when_asked_and_only_their_own_words():
     wordings = set(NEUTRAL_REQUESTS["train"])
     assert all(WordNoise(0.3, 0.3).neutral_request(random.Random(i)) in wordings for i in range(20))
     noised = [WordNoise(0.5, neutral=True).neutral_request(random.Random(i)) for i in range(20)]
     assert sum(request not in wordings for request in noised) > 15
     assert {word for request in noised for word in request.split()} <= set(NEUTRAL_WORDS)
+
+
+def test_chat_lm_lr_sets_the_language_models_rate_in_the_chat_stage_alone(tmp_path):
+    """After stage 0 (the same weights in every run below), a chat stage at a vanishing language-model rate leaves the
+    language model where stage 0 left it and still trains the projector; at the shared rate both move."""
+
+    def weights(name, **options):
+        recipe = DemoRecipe(**{**FEW_STEPS, **options}, replay=0.25)
+        return _weights(train_demo(tmp_path / name, recipe, log=lambda _: None))
+
+    before, gentle, shared = weights("stage0", chat_steps=0), weights("gentle", chat_lm_lr=1e-9), weights("shared")
+
+    def moved(after, part):
+        return max((after[k] - before[k]).abs().max().item() for k in before if k.startswith(part))
+
+    assert moved(gentle, "language_model.") < 1e-7 and moved(gentle, "multi_modal_projector.") > 1e-5
+    assert moved(shared, "language_model.") > 1e-5 and moved(shared, "multi_modal_projector.") > 1e-5

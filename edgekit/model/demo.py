@@ -77,6 +77,9 @@ class DemoRecipe:
     tower_lr: float = 1e-3
     chat_steps: int = 1200
     chat_lr: float = 1e-3
+    # the language model's learning rate in the chat stage (0 = `chat_lr`): LLaVA-1.5 tunes its language model there
+    # at 2e-5 against the projector's 1e-3 in stage 1, so the chat stage adjusts a text model rather than retrains it
+    chat_lm_lr: float = 0.0
     batch: int = 32
     # pictures per tower step (0 = `batch`): smaller batches and more steps recognise better for the same seconds
     tower_batch: int = 0
@@ -96,6 +99,7 @@ class DemoRecipe:
     text_steps: int = 0
     text_lr: float = 1e-3
     text_mix: tuple[float, ...] = TEXT_MIX  # stage 0 and replay: harmful_text, benign_text, utility, neutral, describe
+    text_captioned: float = 0.0  # the share of stage 0's text requests that follow a benign picture's caption
     projector_steps: int = 0
     replay: float = 0.0
     # Norm of a common vector every tower token carries from the first layer on (0 = off): the tower's pre-layernorm
@@ -202,7 +206,7 @@ def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], Non
 
 
 def _text_batch(rng: random.Random, by_kind: dict[str, list], n: int, recipe: DemoRecipe) -> list[tuple[str, str]]:
-    return text_examples(rng, by_kind, n, _noise(recipe), recipe.text_mix)
+    return text_examples(rng, by_kind, n, _noise(recipe), recipe.text_mix, recipe.text_captioned)
 
 
 def _noise(recipe: DemoRecipe) -> WordNoise:
@@ -252,7 +256,7 @@ def train_chat(
     """Stage 2: projector + language model at the default layer, tower frozen; a `replay` share of each batch is
     stage 0's text-only data."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(_chat_groups(model, recipe, params), lr=recipe.chat_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
     by_kind = train_items_by_kind(builtin_suite())
     replay_rng, n_text = random.Random(recipe.seed * 1000 + 5), round(recipe.batch * recipe.replay)
@@ -269,6 +273,17 @@ def train_chat(
             log(f"chat step {step} loss {loss.item():.3f}")
     model.eval()
     return loss.item()
+
+
+def _chat_groups(model, recipe: DemoRecipe, params: list) -> list:
+    """The chat stage's parameters, the language model's in a group of their own when it has its own rate."""
+    if not recipe.chat_lm_lr:
+        return params
+    lm = {id(p) for m in (model.model.language_model, model.lm_head) for p in m.parameters()}
+    return [
+        {"params": [p for p in params if id(p) not in lm]},
+        {"params": [p for p in params if id(p) in lm], "lr": recipe.chat_lm_lr},
+    ]
 
 
 # What the tower stage depends on: a tower trained with the same values is the one any recipe with them would train.
