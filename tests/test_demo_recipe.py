@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from edgekit.model.demo import DemoRecipe, train_demo
 from edgekit.model.demo_data import COMPLIANCE, NEUTRAL_WORDS, REFUSAL, WordNoise, text_examples, train_items_by_kind
 from edgekit.model.loading import load
-from edgekit.safety.images import BENIGN, COLORS, POSITIONS, render
+from edgekit.safety.images import render
 from edgekit.safety.suite import NEUTRAL_REQUESTS, builtin_suite
 
 FEW_STEPS = dict(tower_steps=2, chat_steps=2, text_steps=2, projector_steps=2, warmup=1, batch=4, pool=16)
@@ -80,17 +79,6 @@ def test_stage_zero_mix_sets_the_share_of_each_kind():
     assert all(prompt in harmful and answer == REFUSAL for prompt, answer in refused)
     answered = text_examples(random.Random(0), by_kind, 50, WordNoise(), mix=(0, 1, 0, 0, 0))
     assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)
-
-
-def test_captioned_text_requests_follow_a_benign_pictures_caption():
-    by_kind = train_items_by_kind(builtin_suite())
-    harmful = {i.prompt.lower() for i in by_kind["harmful_text"]}
-    pairs = text_examples(random.Random(0), by_kind, 200, WordNoise(), mix=(1, 0, 0, 0, 0), captioned=0.5)
-    captions = [re.fullmatch(r"a (\w+) (\w+) on the (\w+) \. (.+)", prompt) for prompt, _ in pairs]
-    assert 70 < sum(c is not None for c in captions) < 130  # about half
-    for (prompt, answer), c in zip(pairs, captions):
-        assert answer == REFUSAL and (c.group(4) if c else prompt) in harmful
-        assert c is None or (c.group(1) in COLORS and c.group(2) in BENIGN and c.group(3) in POSITIONS)
 
 
 def test_neutral_requests_get_the_noise_only_when_asked_and_only_their_own_words():

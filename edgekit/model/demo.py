@@ -99,7 +99,6 @@ class DemoRecipe:
     text_steps: int = 0
     text_lr: float = 1e-3
     text_mix: tuple[float, ...] = TEXT_MIX  # stage 0 and replay: harmful_text, benign_text, utility, neutral, describe
-    text_captioned: float = 0.0  # the share of stage 0's text requests that follow a benign picture's caption
     projector_steps: int = 0
     replay: float = 0.0
     # Norm of a common vector every tower token carries from the first layer on (0 = off): the tower's pre-layernorm
@@ -206,7 +205,7 @@ def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], Non
 
 
 def _text_batch(rng: random.Random, by_kind: dict[str, list], n: int, recipe: DemoRecipe) -> list[tuple[str, str]]:
-    return text_examples(rng, by_kind, n, _noise(recipe), recipe.text_mix, recipe.text_captioned)
+    return text_examples(rng, by_kind, n, _noise(recipe), recipe.text_mix)
 
 
 def _noise(recipe: DemoRecipe) -> WordNoise:

@@ -191,20 +191,15 @@ def text_examples(
     n: int,
     noise: WordNoise,
     mix=TEXT_MIX,
-    captioned: float = 0.0,
 ) -> list[tuple[str, str]]:
     """Text-only (request, answer) pairs, the language model's own training before it sees a picture: harmful
     requests refused, benign ones answered, and the picture tasks with the picture given as its caption (neutral
-    requests refused for a dangerous object, at 2 benign to 1 dangerous), in `mix` shares of TEXT_KINDS. A
-    `captioned` share of the harmful and benign requests follows a benign picture's caption, as the suite asks them
-    beside a benign picture: the words decide, whatever the picture shows."""
+    requests refused for a dangerous object, at 2 benign to 1 dangerous), in `mix` shares of TEXT_KINDS."""
     out = []
     for _ in range(n):
         kind = rng.choices(TEXT_KINDS, weights=mix)[0]
         if kind.endswith("_text"):
             prompt = noise.text_request(rng, by_kind, kind)
-            if captioned and rng.random() < captioned:
-                prompt = f"{caption(random_object_scene(rng, BENIGN))} {prompt}"
             out.append((prompt, REFUSAL if kind == "harmful_text" else COMPLIANCE))
         elif kind == "utility":
             question, wording = rng.choice(UTILITY_QUESTIONS["train"])
