@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -104,3 +105,11 @@ def test_chat_lm_lr_sets_the_language_models_rate_in_the_chat_stage_alone(tmp_pa
 
     assert moved(gentle, "language_model.") < 1e-7 and moved(gentle, "multi_modal_projector.") > 1e-5
     assert moved(shared, "language_model.") > 1e-5 and moved(shared, "multi_modal_projector.") > 1e-5
+
+
+def test_the_tower_loss_is_finite_when_a_batch_leaves_a_head_without_labels(tmp_path):
+    """One picture a step: a dots picture has no position and an object no count, and neither may make the loss 0/0."""
+    lines = []
+    train_demo(tmp_path / "demo", DemoRecipe(**{**FEW_STEPS, "tower_steps": 12}, tower_batch=1), log=lines.append)
+    losses = [float(line.split()[4]) for line in lines if line.startswith("tower step")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -134,13 +134,20 @@ def train_tower(
         hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
         labels = {k: torch.tensor([scene_labels(s)[k] for s in scenes], device=device) for k in heads}
         logits = {k: head(hidden) for k, head in heads.items()}
-        loss = sum(F.cross_entropy(logits[k], labels[k], ignore_index=-100) for k in heads)
+        loss = sum(_head_loss(logits[k], labels[k]) for k in heads)
         _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.tower_steps - 1:
             acc = {k: _accuracy(logits[k], labels[k]) for k in heads}
             log(f"tower step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     tower.eval()
     return acc
+
+
+def _head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pictures a head has labels for, and 0 for a batch with none (a batch without dots
+    has no count to learn): the plain mean would be 0/0."""
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def _step(opt, sched, params, loss: torch.Tensor) -> None:
