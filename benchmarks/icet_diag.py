@@ -140,6 +140,20 @@ def separation(margins: dict) -> float | None:
     return float(((harmful > benign).double() + 0.5 * (harmful == benign).double()).mean())
 
 
+def decision_stats(margins: dict) -> dict:
+    """Per kind the mean margin and the share leaning to refusal, and the text separation."""
+    return {
+        "margin": {kind: float(m.mean()) for kind, m in margins.items()},
+        "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
+        "text_separation": separation(margins),
+    }
+
+
+def by_kind(values: torch.Tensor, kinds: list[str]) -> dict:
+    """Rows of `values` per item kind (`kinds` gives each row's), in KINDS order."""
+    return {kind: values[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
+
+
 def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
 
@@ -155,9 +169,7 @@ def layer_row(
         "cosine": float(cos.mean()),
         "distance": float(dist.mean()),
         "distance_ratio": float(dist.mean() / reference.distance),
-        "margin": {kind: float(m.mean()) for kind, m in margins.items()},
-        "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in margins.items()},
-        "text_separation": separation(margins),
+        **decision_stats(margins),
         "image_attention": {kind: a.double().mean(0).tolist() for kind, a in attention.items()},
     }
 
@@ -332,11 +344,10 @@ def diagnose(
         norms, cos, dist, margin, attention = (
             torch.cat(per[k][key]) for key in ("norm", "cos", "dist", "margin", "attention")
         )
-        of_kind = {kind: torch.tensor([x == kind for x in kinds]) for kind in KINDS if kind in kinds}
         norms_default = torch.cat(per[default]["norm"])
-        margins = {kind: margin[at] for kind, at in of_kind.items()}
-        attentions = {kind: attention[at] for kind, at in of_kind.items()}
-        rows.append(layer_row(k, norms, norms_default, cos, dist, reference, margins, attentions))
+        rows.append(
+            layer_row(k, norms, norms_default, cos, dist, reference, by_kind(margin, kinds), by_kind(attention, kinds))
+        )
     return rows
 
 
@@ -353,14 +364,7 @@ def no_picture_row(loaded, items, decision: Decision, batch_size: int) -> dict:
         embeds = model.get_input_embeddings()(enc["input_ids"])
         logits = embeds_tail_logits(model, embeds, enc["attention_mask"], decision.prefix, 1)[:, -1]
         margins.append(refusal_margin(logits, decision))
-    margin, kinds = torch.cat(margins), [i.kind for i in items]
-    of_kind = {kind: margin[torch.tensor([x == kind for x in kinds])] for kind in KINDS if kind in kinds}
-    return {
-        "layer": "no picture",
-        "margin": {kind: float(m.mean()) for kind, m in of_kind.items()},
-        "refuse_share": {kind: float((m > 0).double().mean()) for kind, m in of_kind.items()},
-        "text_separation": separation(of_kind),
-    }
+    return {"layer": "no picture", **decision_stats(by_kind(torch.cat(margins), [i.kind for i in items]))}
 
 
 # --- what each exit layer's picture is read as --------------------------------------------------------------------
