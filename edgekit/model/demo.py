@@ -189,6 +189,11 @@ def scene_pool(model, processor, rng: random.Random, size: int, device: str = "c
     return ScenePool(scenes, torch.cat(chunks), by_object)
 
 
+def _language_model(model) -> tuple[nn.Module, nn.Module]:
+    """The language model and its head: what stage 0 trains alone, stage 1 freezes and `chat_lm_lr` paces."""
+    return model.model.language_model, model.lm_head
+
+
 def _text_loss(model, processor, pairs: list[tuple[str, str]], device: str) -> torch.Tensor:
     enc = {k: v.to(device) for k, v in encode_chat(processor, None, *map(list, zip(*pairs))).items()}
     return model(**enc).loss
@@ -196,7 +201,7 @@ def _text_loss(model, processor, pairs: list[tuple[str, str]], device: str) -> t
 
 def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> float:
     """Stage 0 (LLaVA's pipeline): the language model alone, text-only chat, before it sees any picture."""
-    lm = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    lm = [p for module in _language_model(model) for p in module.parameters()]
     opt = torch.optim.AdamW(lm, lr=recipe.text_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.text_steps)
     rng, by_kind = random.Random(recipe.seed * 1000 + 4), train_items_by_kind(builtin_suite())
@@ -239,7 +244,7 @@ def train_projector(
     opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.projector_steps)
     rng = random.Random(recipe.seed * 1000 + 3)
-    lm = [model.model.language_model, model.lm_head]
+    lm = _language_model(model)
     for module in lm:
         module.requires_grad_(False)
     model.train()
@@ -285,7 +290,7 @@ def _chat_groups(model, recipe: DemoRecipe, params: list) -> list:
     """The chat stage's parameters, the language model's in a group of their own when it has its own rate."""
     if not recipe.chat_lm_lr:
         return params
-    lm = {id(p) for m in (model.model.language_model, model.lm_head) for p in m.parameters()}
+    lm = {id(p) for module in _language_model(model) for p in module.parameters()}
     return [
         {"params": [p for p in params if id(p) not in lm]},
         {"params": [p for p in params if id(p) in lm], "lr": recipe.chat_lm_lr},
