@@ -49,7 +49,7 @@ def test_a_reused_tower_gives_the_full_run_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], reused[k]) for k in full)
 
 
-@pytest.mark.parametrize("other", [{"seed": 2}, {"tower_batch": 2}])
+@pytest.mark.parametrize("other", [{"seed": 2}, {"tower_batch": 2}, {"tower_object_weight": 2.0}])
 def test_a_tower_trained_with_other_tower_settings_is_refused(tmp_path, other):
     train_demo(tmp_path / "full", DemoRecipe(**FEW_STEPS), log=lambda _: None)
     with pytest.raises(ValueError, match=next(iter(other))):
@@ -113,3 +113,17 @@ def test_the_tower_loss_is_finite_when_a_batch_leaves_a_head_without_labels(tmp_
     train_demo(tmp_path / "demo", DemoRecipe(**{**FEW_STEPS, "tower_steps": 12}, tower_batch=1), log=lines.append)
     losses = [float(line.split()[4]) for line in lines if line.startswith("tower step")]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_tower_object_weight_counts_the_object_heads_loss_that_many_times(tmp_path):
+    """The first tower step's loss, before any update, grows by the object head's loss for each unit of weight."""
+
+    def first_loss(weight: float) -> float:
+        lines = []
+        recipe = DemoRecipe(**{**FEW_STEPS, "tower_steps": 1}, tower_object_weight=weight)
+        train_demo(tmp_path / str(weight), recipe, log=lines.append)
+        return next(float(line.split()[4]) for line in lines if line.startswith("tower step 0"))
+
+    one, two, three = (first_loss(w) for w in (1.0, 2.0, 3.0))
+    assert two - one > 1.0  # an untrained object head's loss is about ln 8
+    assert abs((three - two) - (two - one)) < 0.005  # logged to three decimals

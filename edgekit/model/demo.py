@@ -83,6 +83,9 @@ class DemoRecipe:
     batch: int = 32
     # pictures per tower step (0 = `batch`): smaller batches and more steps recognise better for the same seconds
     tower_batch: int = 0
+    # the object head's weight in the tower's loss: colour, side and count are learned in a few hundred steps, objects
+    # are what a tower trained within the first-use budget falls short on
+    tower_object_weight: float = 1.0
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
     mix: tuple[float, ...] = (0.27, 0.33, 0.12, 0.14, 0.14)
@@ -125,6 +128,7 @@ def train_tower(
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.tower_lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, recipe.warmup, recipe.tower_steps)
+    weights = {"object": recipe.tower_object_weight}
     rng = random.Random(recipe.seed * 1000 + 1)
     tower.train()
     acc: dict[str, float] = {}
@@ -134,7 +138,7 @@ def train_tower(
         hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
         labels = {k: torch.tensor([scene_labels(s)[k] for s in scenes], device=device) for k in heads}
         logits = {k: head(hidden) for k, head in heads.items()}
-        loss = sum(_head_loss(logits[k], labels[k]) for k in heads)
+        loss = sum(_head_loss(logits[k], labels[k]) * weights.get(k, 1.0) for k in heads)
         _step(opt, sched, params, loss)
         if step % 100 == 0 or step == recipe.tower_steps - 1:
             acc = {k: _accuracy(logits[k], labels[k]) for k in heads}
@@ -298,7 +302,17 @@ def _chat_groups(model, recipe: DemoRecipe, params: list) -> list:
 
 
 # What the tower stage depends on: a tower trained with the same values is the one any recipe with them would train.
-TOWER_FIELDS = ("seed", "tower_steps", "tower_lr", "batch", "tower_batch", "warmup", "patch_size", "tower_common")
+TOWER_FIELDS = (
+    "seed",
+    "tower_steps",
+    "tower_lr",
+    "batch",
+    "tower_batch",
+    "tower_object_weight",
+    "warmup",
+    "patch_size",
+    "tower_common",
+)
 
 
 def train_demo(
