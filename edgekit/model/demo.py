@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -83,8 +84,7 @@ class DemoRecipe:
     batch: int = 32
     # pictures per tower step (0 = `batch`): smaller batches and more steps recognise better for the same seconds
     tower_batch: int = 0
-    # the object head's weight in the tower's loss: colour, side and count are learned in a few hundred steps, objects
-    # are what a tower trained within the first-use budget falls short on
+    # the object head's weight in the tower's loss: a short tower stage learns colour, side and count, not objects
     tower_object_weight: float = 1.0
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
@@ -168,8 +168,6 @@ def _accuracy(logits, labels) -> float:
 
 
 def _warmup_cosine(opt, warmup: int, total: int):
-    import math
-
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
