@@ -3,7 +3,8 @@
     python benchmarks/demo_sweep.py RECIPES.jsonl OUT_DIR [--device cuda] [--timeout 560]
 
 RECIPES.jsonl holds one JSON object of DemoRecipe overrides per line. On a many-core machine each process gets one
-thread; on 2 cores run them one at a time (--parallel 1): two trainings side by side run far slower than in turn.
+thread; on 2 cores run them one at a time (--parallel 1): two trainings side by side run far slower than in turn. A
+recipe with `batch_parts` N trains on N cores whatever the thread count, one per part.
 """
 
 from __future__ import annotations

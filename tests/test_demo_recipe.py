@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,11 +50,27 @@ def test_a_reused_tower_gives_the_full_run_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], reused[k]) for k in full)
 
 
-@pytest.mark.parametrize("other", [{"seed": 2}, {"tower_batch": 2}, {"tower_object_weight": 2.0}])
+@pytest.mark.parametrize("other", [{"seed": 2}, {"tower_batch": 2}, {"tower_object_weight": 2.0}, {"batch_parts": 2}])
 def test_a_tower_trained_with_other_tower_settings_is_refused(tmp_path, other):
     train_demo(tmp_path / "full", DemoRecipe(**FEW_STEPS), log=lambda _: None)
     with pytest.raises(ValueError, match=next(iter(other))):
         train_demo(tmp_path / "x", DemoRecipe(**FEW_STEPS, **other), log=lambda _: None, tower_from=tmp_path / "full")
+
+
+def test_batch_parts_train_one_model_whatever_torchs_threads(tmp_path):
+    """Each part on one core, gradients added in the parts' order: the model depends on the parts alone."""
+    recipe = DemoRecipe(**FEW_STEPS, batch_parts=2, replay=0.25, text_mix=(1, 1, 1, 1, 1))
+    before, models = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            models.append(_weights(train_demo(tmp_path / str(threads), recipe, log=lambda _: None)))
+            assert torch.get_num_threads() == threads  # given back as it was
+    finally:
+        torch.set_num_threads(before)
+    one_part = _weights(train_demo(tmp_path / "one", replace(recipe, batch_parts=1), log=lambda _: None))
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert not all(torch.equal(models[0][k], one_part[k]) for k in one_part)  # a model of its own
 
 
 def test_patch_size_sets_the_number_of_image_tokens(tmp_path):

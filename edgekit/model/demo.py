@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -28,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgekit.model.demo_data import (
@@ -39,21 +37,14 @@ from edgekit.model.demo_data import (
     caption,
     chat_examples,
     encode_chat,
-    random_scene,
-    scene_labels,
     text_examples,
     tokenizer_corpus,
     train_items_by_kind,
 )
+from edgekit.model.demo_tower import DEFAULT_LAYER, scene_pool, train_tower
 from edgekit.model.families import family_for
 from edgekit.model.tiny import TinySizes, build_tiny, save_tiny
-from edgekit.safety.images import (
-    COLORS,
-    COUNT_WORDS,
-    OBJECTS,
-    POSITIONS,
-    render,
-)
+from edgekit.model.train_steps import PartLoss, adamw, one_core_per_part, split, train_step, warmup_cosine
 from edgekit.safety.suite import builtin_suite
 
 DEMO_SIZES = TinySizes(
@@ -68,7 +59,6 @@ DEMO_SIZES = TinySizes(
     text_kv_heads=4,
     vocab_size=1024,
 )
-DEFAULT_LAYER = 23
 
 
 @dataclass(frozen=True)
@@ -86,6 +76,9 @@ class DemoRecipe:
     tower_batch: int = 0
     # the object head's weight in the tower's loss: a short tower stage learns colour, side and count, not objects
     tower_object_weight: float = 1.0
+    # each step's batch in this many parts, each in a thread on one core (1 = torch's own threads): three quarters of
+    # the time on two cores, and what is trained no longer depends on the machine's cores (`edgekit.model.train_steps`)
+    batch_parts: int = 1
     warmup: int = 100
     # chat data mixture: utility, harmful_text, benign_text, harmful_image, benign_image
     mix: tuple[float, ...] = (0.27, 0.33, 0.12, 0.14, 0.14)
@@ -111,86 +104,6 @@ class DemoRecipe:
     tower_common: float = 0.0
 
 
-def train_tower(
-    model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu"
-) -> dict[str, float]:
-    """Stage 1: teach the tower to see, reading only the default layer's patch tokens."""
-    tower = model.model.vision_tower
-    width = tower.config.hidden_size
-    heads = nn.ModuleDict(
-        {
-            "object": nn.Linear(width, len(OBJECTS) + 1),
-            "color": nn.Linear(width, len(COLORS)),
-            "position": nn.Linear(width, len(POSITIONS)),
-            "count": nn.Linear(width, len(COUNT_WORDS)),
-        }
-    ).to(device)
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.tower_lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, recipe.warmup, recipe.tower_steps)
-    weights = {"object": recipe.tower_object_weight}
-    rng = random.Random(recipe.seed * 1000 + 1)
-    tower.train()
-    acc: dict[str, float] = {}
-    for step in range(recipe.tower_steps):
-        scenes = [random_scene(rng) for _ in range(recipe.tower_batch or recipe.batch)]
-        pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
-        labels = {k: torch.tensor([scene_labels(s)[k] for s in scenes], device=device) for k in heads}
-        logits = {k: head(hidden) for k, head in heads.items()}
-        loss = sum(_head_loss(logits[k], labels[k]) * weights.get(k, 1.0) for k in heads)
-        _step(opt, sched, params, loss)
-        if step % 100 == 0 or step == recipe.tower_steps - 1:
-            acc = {k: _accuracy(logits[k], labels[k]) for k in heads}
-            log(f"tower step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    tower.eval()
-    return acc
-
-
-def _head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the pictures a head has labels for, and 0 for a batch with none (a batch without dots
-    has no count to learn): the plain mean would be 0/0."""
-    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
-
-
-def _step(opt, sched, params, loss: torch.Tensor) -> None:
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    sched.step()
-
-
-def _accuracy(logits, labels) -> float:
-    valid = labels != -100
-    return float((logits.argmax(-1)[valid] == labels[valid]).float().mean()) if valid.any() else float("nan")
-
-
-def _warmup_cosine(opt, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def scene_pool(model, processor, rng: random.Random, size: int, device: str = "cpu") -> ScenePool:
-    scenes = [random_scene(rng) for _ in range(size)]
-    tower = model.model.vision_tower
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, size, 256):
-            images = [render(s) for s in scenes[start : start + 256]]
-            pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-            chunks.append(tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:])
-    by_object: dict[str, list[int]] = {}
-    for i, s in enumerate(scenes):
-        by_object.setdefault(s.obj if s.kind == "object" else "dots", []).append(i)
-    return ScenePool(scenes, torch.cat(chunks), by_object)
-
-
 def _language_model(model) -> tuple[nn.Module, nn.Module]:
     """The language model and its head: what stage 0 trains alone, stage 1 freezes and `chat_lm_lr` paces."""
     return model.model.language_model, model.lm_head
@@ -204,18 +117,29 @@ def _text_loss(model, processor, pairs: list[tuple[str, str]], device: str) -> t
 def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], None], device: str = "cpu") -> float:
     """Stage 0 (LLaVA's pipeline): the language model alone, text-only chat, before it sees any picture."""
     lm = [p for module in _language_model(model) for p in module.parameters()]
-    opt = torch.optim.AdamW(lm, lr=recipe.text_lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, recipe.warmup, recipe.text_steps)
+    opt = adamw(lm, recipe.text_lr, recipe.batch_parts)
+    sched = warmup_cosine(opt, recipe.warmup, recipe.text_steps)
     rng, by_kind = random.Random(recipe.seed * 1000 + 4), train_items_by_kind(builtin_suite())
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.text_steps):
-        loss = _text_loss(model, processor, _text_batch(rng, by_kind, recipe.batch, recipe), device)
-        _step(opt, sched, lm, loss)
+        pairs = _text_batch(rng, by_kind, recipe.batch, recipe)
+        parts = _shares(lambda b: _text_loss(model, processor, b, device), pairs, recipe)
+        loss, _ = train_step(opt, sched, lm, parts, recipe.batch_parts)
         if step % 100 == 0 or step == recipe.text_steps - 1:
             log(f"text step {step} loss {loss.item():.3f}")
     model.eval()
     return loss.item()
+
+
+def _shares(loss: Callable[[list], torch.Tensor], examples: list, recipe: DemoRecipe) -> list[PartLoss]:
+    """`examples` in `batch_parts` parts, each part's loss (a mean over its answer tokens) weighted by its share of the
+    step's `batch` examples, so that the shares add up to the batch's loss."""
+
+    def part(rows: slice) -> PartLoss:
+        return lambda: (loss(examples[rows]) * ((rows.stop - rows.start) / recipe.batch), None)
+
+    return [part(rows) for rows in split(len(examples), recipe.batch_parts)]
 
 
 def _text_batch(rng: random.Random, by_kind: dict[str, list], n: int, recipe: DemoRecipe) -> list[tuple[str, str]]:
@@ -243,8 +167,8 @@ def train_projector(
     """Stage 1 (LLaVA's feature alignment): the projector alone, tower and language model frozen, learns to turn
     the default layer's tokens into what the language model reads as the picture's caption."""
     params = list(model.model.multi_modal_projector.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.chat_lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, recipe.warmup, recipe.projector_steps)
+    opt = adamw(params, recipe.chat_lr, recipe.batch_parts)
+    sched = warmup_cosine(opt, recipe.warmup, recipe.projector_steps)
     rng = random.Random(recipe.seed * 1000 + 3)
     lm = _language_model(model)
     for module in lm:
@@ -253,8 +177,9 @@ def train_projector(
     loss = torch.tensor(0.0)
     for step in range(recipe.projector_steps):
         picked = [rng.randrange(len(pool.scenes)) for _ in range(recipe.batch)]
-        loss = _image_loss(model, processor, pool, [(i, DESCRIBE, caption(pool.scenes[i])) for i in picked], device)
-        _step(opt, sched, params, loss)
+        batch = [(i, DESCRIBE, caption(pool.scenes[i])) for i in picked]
+        parts = _shares(lambda b: _image_loss(model, processor, pool, b, device), batch, recipe)
+        loss, _ = train_step(opt, sched, params, parts, recipe.batch_parts)
         if step % 100 == 0 or step == recipe.projector_steps - 1:
             log(f"projector step {step} loss {loss.item():.3f}")
     for module in lm:
@@ -269,19 +194,19 @@ def train_chat(
     """Stage 2: projector + language model at the default layer, tower frozen; a `replay` share of each batch is
     stage 0's text-only data."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_chat_groups(model, recipe, params), lr=recipe.chat_lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
+    opt = adamw(_chat_groups(model, recipe, params), recipe.chat_lr, recipe.batch_parts)
+    sched = warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
     by_kind = train_items_by_kind(builtin_suite())
     replay_rng, n_text = random.Random(recipe.seed * 1000 + 5), round(recipe.batch * recipe.replay)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.chat_steps):
         batch = chat_examples(rng, by_kind, pool, recipe.batch - n_text, recipe.mix, _noise(recipe))
-        loss = _image_loss(model, processor, pool, batch, device)
+        parts = _shares(lambda b: _image_loss(model, processor, pool, b, device), batch, recipe)
         if n_text:
-            text = _text_loss(model, processor, _text_batch(replay_rng, by_kind, n_text, recipe), device)
-            loss = (loss * len(batch) + text * n_text) / recipe.batch
-        _step(opt, sched, params, loss)
+            text = _text_batch(replay_rng, by_kind, n_text, recipe)
+            parts += _shares(lambda b: _text_loss(model, processor, b, device), text, recipe)
+        loss, _ = train_step(opt, sched, params, parts, recipe.batch_parts)
         if step % 100 == 0 or step == recipe.chat_steps - 1:
             log(f"chat step {step} loss {loss.item():.3f}")
     model.eval()
@@ -302,6 +227,7 @@ def _chat_groups(model, recipe: DemoRecipe, params: list) -> list:
 # What the tower stage depends on: a tower trained with the same values is the one any recipe with them would train.
 TOWER_FIELDS = (
     "seed",
+    "batch_parts",
     "tower_steps",
     "tower_lr",
     "batch",
@@ -340,18 +266,19 @@ def train_demo(
             bias.copy_(direction / direction.norm() * recipe.tower_common)
     start = time.time()
     model.to(device)
-    if tower_from:
-        tower_acc = reuse_tower(model, recipe, Path(tower_from))
-    else:
-        tower_acc = train_tower(model, processor, recipe, log, device)
-    model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA
-    rng = random.Random(recipe.seed * 1000 + 2)
-    pool = scene_pool(model, processor, rng, recipe.pool, device)
-    if recipe.text_steps:
-        train_text_lm(model, processor, recipe, log, device)
-    if recipe.projector_steps:
-        train_projector(model, processor, recipe, pool, log, device)
-    final_loss = train_chat(model, processor, recipe, pool, rng, log, device)
+    with one_core_per_part(recipe.batch_parts):
+        if tower_from:
+            tower_acc = reuse_tower(model, recipe, Path(tower_from))
+        else:
+            tower_acc = train_tower(model, processor, recipe, log, device)
+        model.model.vision_tower.requires_grad_(False)  # frozen from here on, as in LLaVA
+        rng = random.Random(recipe.seed * 1000 + 2)
+        pool = scene_pool(model, processor, rng, recipe.pool, device, recipe.batch_parts)
+        if recipe.text_steps:
+            train_text_lm(model, processor, recipe, log, device)
+        if recipe.projector_steps:
+            train_projector(model, processor, recipe, pool, log, device)
+        final_loss = train_chat(model, processor, recipe, pool, rng, log, device)
     out = save_tiny(model.cpu(), processor, out_dir)
     record = {
         "recipe": asdict(recipe),
@@ -385,11 +312,12 @@ def demo_model_path(recipe: DemoRecipe = DemoRecipe(), log: Callable[[str], None
 
     The cache key covers the recipe, the source of the trainer, its data and the pictures, and the built-in suite's
     items themselves (its prompts live in data files), so a change to any retrains."""
-    from edgekit.model import demo_data
+    from edgekit.model import demo_data, demo_tower, train_steps
     from edgekit.outputs import atomic_dir
     from edgekit.safety import images
 
-    source = b"".join(Path(f).read_bytes() for f in (__file__, demo_data.__file__, images.__file__))
+    trainer = (__file__, demo_tower.__file__, train_steps.__file__, demo_data.__file__, images.__file__)
+    source = b"".join(Path(f).read_bytes() for f in trainer)
     suite = repr(builtin_suite().items).encode()
     key = hashlib.sha256(json.dumps(asdict(recipe)).encode() + source + suite).hexdigest()[:12]
     folder = demo_cache_dir() / f"demo-{key}"
