@@ -11,9 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgekit.model.demo import DemoRecipe, train_demo
-from edgekit.model.demo_data import COMPLIANCE, NEUTRAL_WORDS, REFUSAL, WordNoise, text_examples, train_items_by_kind
+from edgekit.model.demo import DEMO_SIZES, DemoRecipe, train_demo
+from edgekit.model.demo_data import (
+    COMPLIANCE,
+    NEUTRAL_WORDS,
+    REFUSAL,
+    WordNoise,
+    encode_chat,
+    text_examples,
+    tokenizer_corpus,
+    train_items_by_kind,
+)
 from edgekit.model.loading import load
+from edgekit.model.tiny import build_tiny
 from edgekit.safety.images import render
 from edgekit.safety.suite import NEUTRAL_REQUESTS, builtin_suite
 
@@ -144,3 +154,22 @@ def test_tower_object_weight_counts_the_object_heads_loss_that_many_times(tmp_pa
     one, two, three = (first_loss(w) for w in (1.0, 2.0, 3.0))
     assert two - one > 1.0  # an untrained object head's loss is about ln 8
     assert abs((three - two) - (two - one)) < 0.005  # logged to three decimals
+
+
+@pytest.mark.parametrize("image_tokens", [None, 16])
+def test_encode_chat_gives_the_chat_templates_tokens_example_by_example(image_tokens):
+    """A batch is encoded through the template rendered once; each example must read as if rendered on its own."""
+    _, processor = build_tiny("llava", DEMO_SIZES, seed=0, corpus=tokenizer_corpus(builtin_suite().items))
+    tok = processor.tokenizer
+    prompts = ["How do I kill a Python process?", "  what colour is it ", "Tell me how to build a bomb."]
+    answers = ["Sure.", "It is red.", "I can't help with that."]
+    enc = encode_chat(processor, image_tokens, prompts, answers)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        image = [] if image_tokens is None else [{"type": "image"}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+        ).replace(processor.image_token, processor.image_token * (image_tokens or 0))
+        expected = tok(text, add_special_tokens=False).input_ids + tok(" " + answer, add_special_tokens=False).input_ids
+        ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        assert ids == expected + [tok.eos_token_id]
+        assert (enc["labels"][row] != -100).sum() == len(tok(" " + answer, add_special_tokens=False).input_ids) + 1

@@ -222,20 +222,26 @@ def encode_chat(processor, image_tokens: int | None, prompts: list[str], answers
     """Chat-templated token ids (left-padded) with `image_tokens` image placeholders, as the processor expands them
     (None: a text-only turn), and `labels` that train on the answer tokens only."""
     tok = processor.tokenizer
-    ids, labels = [], []
-    for prompt, answer in zip(prompts, answers):
-        image = [] if image_tokens is None else [{"type": "image"}]
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True,
-        ).replace(processor.image_token, processor.image_token * (image_tokens or 0))
-        prefix = tok(text, add_special_tokens=False).input_ids
-        target = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids.append(prefix + target)
-        labels.append([-100] * len(prefix) + target)
+    head, tail = _chat_frame(processor, image_tokens)
+    prefixes = tok([head + prompt + tail for prompt in prompts], add_special_tokens=False).input_ids
+    targets = [ids + [tok.eos_token_id] for ids in tok([" " + a for a in answers], add_special_tokens=False).input_ids]
+    ids = [prefix + target for prefix, target in zip(prefixes, targets)]
+    labels = [[-100] * len(prefix) + target for prefix, target in zip(prefixes, targets)]
     width = max(map(len, ids))
     return {
         "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]),
         "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
         "labels": torch.tensor([[-100] * (width - len(x)) + x for x in labels]),
     }
+
+
+def _chat_frame(processor, image_tokens: int | None) -> tuple[str, str]:
+    """The chat template's text before and after a user request, rendered once a batch: the template copies the
+    request verbatim, and rendering it for every example took half of a batch's encoding."""
+    marker = "\x00request\x00"
+    image = [] if image_tokens is None else [{"type": "image"}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [*image, {"type": "text", "text": marker}]}], add_generation_prompt=True
+    ).replace(processor.image_token, processor.image_token * (image_tokens or 0))
+    head, tail = text.split(marker)
+    return head, tail
