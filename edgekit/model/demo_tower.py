@@ -46,9 +46,7 @@ def train_tower(
 
     def part_loss(scenes: list, labels: dict, counts: dict) -> tuple[torch.Tensor, dict]:
         """A part's share of the step's loss: its pictures' head losses over the whole batch's labelled counts."""
-        images = [render(s) for s in scenes]
-        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:].mean(1)
+        hidden = _default_layer_tokens(tower, processor, scenes, device).mean(1)
         logits = {k: head(hidden) for k, head in heads.items()}
         return sum(_head_loss(logits[k], labels[k], counts[k]) * weights.get(k, 1.0) for k in heads), logits
 
@@ -68,6 +66,12 @@ def train_tower(
     return acc
 
 
+def _default_layer_tokens(tower, processor, scenes: list, device: str) -> torch.Tensor:
+    """The scenes drawn and read by the tower: its default layer's patch tokens, CLS left out, as LLaVA-1.5 reads."""
+    pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"].to(device)
+    return tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:]
+
+
 def _head_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the pictures of a part that a head has labels for, over `count`, the whole batch's
     such pictures held at least 1 (a batch without dots has no count to learn): the parts' shares add up to the mean."""
@@ -85,9 +89,7 @@ def scene_pool(model, processor, rng: random.Random, size: int, device: str = "c
 
     @torch.no_grad()  # in the thread that runs it: grad mode is per thread
     def features(start: int) -> torch.Tensor:
-        images = [render(s) for s in scenes[start : start + 256]]
-        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-        return tower(pixels, output_hidden_states=True).hidden_states[DEFAULT_LAYER][:, 1:]
+        return _default_layer_tokens(tower, processor, scenes[start : start + 256], device)
 
     chunks = in_threads(features, range(0, size, 256), threads)
     by_object: dict[str, list[int]] = {}
