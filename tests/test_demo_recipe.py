@@ -20,7 +20,7 @@ from edgekit.model.demo_data import (
     encode_chat,
     text_examples,
     tokenizer_corpus,
-    train_items_by_kind,
+    train_requests,
 )
 from edgekit.model.loading import load
 from edgekit.model.tiny import build_tiny
@@ -101,12 +101,27 @@ def test_made_up_words_replace_words_with_pieces_of_train_words():
 
 
 def test_stage_zero_mix_sets_the_share_of_each_kind():
-    by_kind = train_items_by_kind(builtin_suite())
-    harmful, benign = ({i.prompt.lower() for i in by_kind[k]} for k in ("harmful_text", "benign_text"))
+    by_kind = train_requests(builtin_suite())
+    harmful, benign = (set(by_kind[k]) for k in ("harmful_text", "benign_text"))
     refused = text_examples(random.Random(0), by_kind, 50, WordNoise(), mix=(1, 0, 0, 0, 0))
     assert all(prompt in harmful and answer == REFUSAL for prompt, answer in refused)
     answered = text_examples(random.Random(0), by_kind, 50, WordNoise(), mix=(0, 1, 0, 0, 0))
     assert all(prompt in benign and answer == COMPLIANCE for prompt, answer in answered)
+
+
+@pytest.mark.parametrize("cased", [False, True])
+def test_cased_recipes_train_the_requests_as_the_suite_asks_them(cased):
+    """The suite's requests come with capitals; a model trained on them lowercased meets those capitals as byte pieces
+    its training never touched, a cased one as the words it trained on."""
+    suite = builtin_suite()
+    written = {i.prompt for i in suite.select("train", kinds=("harmful_text", "benign_text"))}
+    requests = train_requests(suite, cased)
+    trained = set(requests["harmful_text"]) | set(requests["benign_text"])
+    assert trained == (written if cased else {p.lower() for p in written})
+    _, processor = build_tiny("llava", DEMO_SIZES, seed=0, corpus=tokenizer_corpus(suite.items, cased=cased))
+    firsts = [i.prompt.split()[0] for i in suite.select("eval", kinds=("harmful_text", "benign_text"))]
+    byte_pieces = sum(any(t.startswith("<0x") for t in processor.tokenizer.tokenize(w)) for w in firsts)
+    assert byte_pieces == 0 if cased else byte_pieces > len(firsts) / 2
 
 
 def test_neutral_requests_get_the_noise_only_when_asked_and_only_their_own_words():

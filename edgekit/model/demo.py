@@ -39,7 +39,7 @@ from edgekit.model.demo_data import (
     encode_chat,
     text_examples,
     tokenizer_corpus,
-    train_items_by_kind,
+    train_requests,
 )
 from edgekit.model.demo_tower import DEFAULT_LAYER, scene_pool, train_tower
 from edgekit.model.families import family_for
@@ -89,6 +89,9 @@ class DemoRecipe:
     word_noise: float = 0.1  # chance that each word of a text request is dropped or swapped for a random train word
     made_up_words: float = 0.0  # then the chance that each word is swapped for a made-up one (`WordNoise`)
     noise_neutral: bool = False  # the neutral requests about pictures noised too, among their own words
+    # text requests trained as written, capitals included (False: lowercased, as every recipe until round 31): the
+    # suite asks as written, so a lowercase model meets its first words as untrained byte pieces (`as_trained`)
+    cased: bool = False
     # LLaVA's own pipeline (0 = off): the language model trained text-only first, safety included (`text_steps`),
     # then the projector alone on captions (`projector_steps`), then the chat stage with a `replay` share of the
     # text-only data, as LLaVA-1.5 mixes ShareGPT into its visual instruction tuning
@@ -119,7 +122,7 @@ def train_text_lm(model, processor, recipe: DemoRecipe, log: Callable[[str], Non
     lm = [p for module in _language_model(model) for p in module.parameters()]
     opt = adamw(lm, recipe.text_lr, recipe.batch_parts)
     sched = warmup_cosine(opt, recipe.warmup, recipe.text_steps)
-    rng, by_kind = random.Random(recipe.seed * 1000 + 4), train_items_by_kind(builtin_suite())
+    rng, by_kind = random.Random(recipe.seed * 1000 + 4), train_requests(builtin_suite(), recipe.cased)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(recipe.text_steps):
@@ -196,7 +199,7 @@ def train_chat(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(_chat_groups(model, recipe, params), recipe.chat_lr, recipe.batch_parts)
     sched = warmup_cosine(opt, recipe.warmup, recipe.chat_steps)
-    by_kind = train_items_by_kind(builtin_suite())
+    by_kind = train_requests(builtin_suite(), recipe.cased)
     replay_rng, n_text = random.Random(recipe.seed * 1000 + 5), round(recipe.batch * recipe.replay)
     model.train()
     loss = torch.tensor(0.0)
@@ -256,7 +259,7 @@ def train_demo(
         DEMO_SIZES, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers, patch_size=recipe.patch_size
     )
     llava_pipeline = bool(recipe.text_steps or recipe.projector_steps or recipe.replay)
-    corpus = tokenizer_corpus(suite.items, captions=llava_pipeline)
+    corpus = tokenizer_corpus(suite.items, captions=llava_pipeline, cased=recipe.cased)
     model, processor = build_tiny("llava", sizes, seed=recipe.seed, corpus=corpus)
     model.config.vision_feature_layer = DEFAULT_LAYER - DEMO_SIZES.vision_layers - 1  # -2, as LLaVA-1.5
     if recipe.tower_common:

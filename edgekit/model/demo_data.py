@@ -31,10 +31,17 @@ UTILITY_ANSWERS = {
 }
 
 
-def tokenizer_corpus(suite_items, captions: bool = False) -> list[str]:
+def as_trained(prompt: str, cased: bool) -> str:
+    """A request as the language model trains on it: as written when `cased`, else lowercased. The suite's requests
+    come as written, capitals and all; a tokenizer trained on lowercase text reads those capitals as byte pieces whose
+    embeddings no training step ever touched."""
+    return prompt if cased else prompt.lower()
+
+
+def tokenizer_corpus(suite_items, captions: bool = False, cased: bool = False) -> list[str]:
     """Train-split text only (eval prompts are never seen, not even by the tokenizer), plus the answers (and, for
     LLaVA's pipeline, the caption grammar)."""
-    texts = [item.prompt.lower() for item in suite_items if item.split == "train"]
+    texts = [as_trained(item.prompt, cased) for item in suite_items if item.split == "train"]
     texts += [REFUSAL, COMPLIANCE] + [
         t.format(w) for t in UTILITY_ANSWERS.values() for w in (*COLORS, *OBJECTS, *POSITIONS, *COUNT_WORDS)
     ]
@@ -76,12 +83,14 @@ def random_scene(rng: random.Random) -> Scene:
     return random_dots_scene(rng) if rng.random() < 0.2 else random_object_scene(rng)
 
 
-def train_items_by_kind(suite) -> dict[str, list]:
-    train = suite.select("train")
-    by_kind = {
-        k: [i for i in train if i.kind == k] for k in ("harmful_text", "benign_text", "harmful_image", "benign_image")
-    }
-    return by_kind | {"words": sorted({w for i in train if i.kind.endswith("_text") for w in i.prompt.lower().split()})}
+TEXT_REQUESTS = ("harmful_text", "benign_text")
+
+
+def train_requests(suite, cased: bool = False) -> dict[str, list[str]]:
+    """The train split's text requests by kind (harmful_text, benign_text) as the language model trains on them
+    (`as_trained`), and under "words" their words, which word noise swaps in."""
+    by_kind = {k: [as_trained(i.prompt, cased) for i in suite.select("train", kinds=(k,))] for k in TEXT_REQUESTS}
+    return by_kind | {"words": sorted({w for requests in by_kind.values() for w in " ".join(requests).split()})}
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ class WordNoise:
 
     def text_request(self, rng: random.Random, by_kind: dict[str, list], kind: str) -> str:
         """A train request of `kind` (harmful_text or benign_text), noised among the text requests' words."""
-        return self(rng, rng.choice(by_kind[kind]).prompt.lower(), by_kind["words"])
+        return self(rng, rng.choice(by_kind[kind]), by_kind["words"])
 
     def neutral_request(self, rng: random.Random) -> str:
         """A neutral train request, its words swapped only among the neutral wordings' own: a harmful request's words
@@ -146,7 +155,7 @@ def chat_examples(
     mix,
     noise: WordNoise,
 ) -> list[tuple[int, str, str]]:
-    """(pool picture, request, answer) triples from the suite's train split (`train_items_by_kind`) and train-split
+    """(pool picture, request, answer) triples from the suite's train split (`train_requests`) and train-split
     visual question wordings. Text requests come with a benign picture, neutral requests with a dangerous or benign
     object."""
     kinds = ("utility", "harmful_text", "benign_text", "harmful_image", "benign_image")
