@@ -373,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         args.func(args)
         stop_if_terminated()  # a swallowed SIGTERM still ends the run with its exit code
-    except (UserError, GateFailure) as err:
+    except Exception as err:
+        stop_if_terminated()  # a library the SIGTERM's SystemExit passed through may have re-raised it as another error
+        if not isinstance(err, (UserError, GateFailure)):
+            raise
         print(f"edgekit: {'error' if isinstance(err, UserError) else 'failed'}: {err}", file=sys.stderr)
         return err.exit_code
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForImageTextToText
 
-from edgekit import outputs
+from edgekit import commands, outputs
 from edgekit.cli import main
 
 
@@ -196,3 +196,20 @@ def test_a_swallowed_sigterm_still_commits_nothing(tmp_path, monkeypatch):
                 pass
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_a_library_turned_into_another_error_still_ends_with_its_code(monkeypatch):
+    """safetensors' Rust reader reports a Python exception raised inside it (the handler's SystemExit) as a
+    ValueError; the run must still end with 143, not a traceback and exit code 1."""
+    monkeypatch.setattr(outputs, "_terminated_by", 0)
+
+    def reads_weights(args):
+        try:
+            outputs.terminate(signal.SIGTERM)
+        except SystemExit as err:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from err
+
+    monkeypatch.setattr(commands, "cmd_targets", reads_weights)
+    with pytest.raises(SystemExit) as stopped:
+        main(["targets"])
+    assert stopped.value.code == 128 + signal.SIGTERM
