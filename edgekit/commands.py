@@ -228,8 +228,25 @@ def cmd_align(args) -> None:
     try:
         _align_here(args, launch, make_config)
     finally:
-        # Gloo's worker threads outliving the process group abort the interpreter's exit (SIGABRT) now and then.
         launch.destroy_process_group()
+    if launch.num_processes > 1:
+        _leave_without_teardown()
+
+
+def _leave_without_teardown() -> None:
+    """End a launched process that has written and reported everything, skipping the interpreter's teardown.
+
+    DTensor's sharding caches keep the gloo process group alive past `destroy_process_group`, so its worker threads are
+    still running when the interpreter tears down, and now and then that aborts the exit (SIGABRT, 'terminate called
+    without an active exception') after a run that succeeded."""
+    import os
+
+    from edgekit.outputs import stop_if_terminated
+
+    stop_if_terminated()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _align_here(args, launch, make_config) -> None:

@@ -27,7 +27,8 @@ K = 4
 LAUNCHES = {"ddp": "cpu_2proc.yaml", "fsdp": "cpu_2proc_fsdp.yaml"}
 
 
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a native abort in a launched process prints every thread's Python stack, so a failure says where.
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def launch_align(config: str, model: str, out: Path, *extra: str) -> list[str]:
