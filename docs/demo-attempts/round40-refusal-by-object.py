@@ -19,7 +19,8 @@ result = scan(load(model, dtype="float32"), items, layers, RefusalJudge())
 for layer in result.layers:
     counts = defaultdict(lambda: [0, 0])
     for answer in layer.answers:
-        counts[answer.item.kind, answer.item.scene.obj][0] += answer.refused
-        counts[answer.item.kind, answer.item.scene.obj][1] += 1
+        tally = counts[answer.item.kind, answer.item.scene.obj]
+        tally[0] += answer.refused
+        tally[1] += 1
     cells = " ".join(f"{kind}:{obj} {refused}/{n}" for (kind, obj), (refused, n) in sorted(counts.items()))
     print(model.rstrip("/").split("/")[-1], "layer", layer.layer, cells)
