@@ -3,8 +3,8 @@ transformers unimportable, on the tiny LLaVA-1.5 exported at F32 (ONNX fp32, GGU
 
 Oracles: transformers' own processor (its chat text, input_ids and pixel_values, and its decode) for the device
 processor; for the answers, each runtime fed by transformers' processor as it was before the device processor, and
-for fp32 ONNX and the hybrid also PyTorch (`TorchRuntime`), token for token, on eval suite prompts plus images of
-other sizes and modes (the suite's are at the tower's size, so they skip the resize).
+for fp32 ONNX and the hybrid also PyTorch (`TorchRuntime`), token for token up to a near tie of PyTorch's logits, on
+eval suite prompts plus images of other sizes and modes (the suite's are at the tower's size, so they skip the resize).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import full_precision_profile, sample_image
 from PIL import Image
 from transformers import AutoProcessor
@@ -40,6 +41,9 @@ from edgekit.safety.suite import builtin_suite
 K = 12
 MAX_NEW_TOKENS = 24
 LLAMA = {"n_threads": 1, "n_ctx": 256}  # one thread: llama.cpp's spinning workers crawl on a shared 2-core box
+# Logits closer than this are float noise apart: llama.cpp's f32 kernels add in another order than torch's, and a random
+# tiny model's greedy answers pass near ties.
+NEAR_TIE = 1e-3
 DEVICE_KINDS = ("onnx", "gguf", "hybrid", "ortgenai")
 OPTIONS = {"onnx": {}, "gguf": LLAMA, "hybrid": LLAMA, "ortgenai": {}}
 
@@ -123,7 +127,7 @@ def _reference(kind: str, files: dict, processor):
 
 def test_device_runtimes_answer_without_torch_as_before(f32, tmp_path):
     """Each device runtime in a process where torch and transformers cannot load gives, token for token, what it
-    gave fed by transformers' processor; fp32 ONNX and the hybrid also equal PyTorch."""
+    gave fed by transformers' processor; fp32 ONNX and the hybrid also equal PyTorch up to a near tie."""
     loaded, folder = f32
     prompts = []
     for i, prompt in enumerate(PROMPTS):  # PNG: lossless, so both processes see the same pixels
@@ -151,7 +155,36 @@ def test_device_runtimes_answer_without_torch_as_before(f32, tmp_path):
         assert got == want and all(len(g) >= 1 for g in got), kind
         assert device[kind]["text"] == [runtime.decode(w) for w in want], kind
         if kind in ("onnx", "hybrid"):
-            assert [until_eos(g, torch_rt.eos) for g in got] == pytorch, kind
+            answers = [until_eos(g, torch_rt.eos) for g in got]
+            steps = [_greedy_steps(torch_rt, p) for p in images]
+            assert all(a == t or _leaves_at_near_tie(a, s) for a, t, s in zip(answers, pytorch, steps)), kind
+
+
+def _greedy_steps(torch_rt: TorchRuntime, prompt: Prompt) -> list[tuple[int, int, float]]:
+    """PyTorch's greedy answer step by step: the chosen token, the runner-up and their logits' gap."""
+    model, family = torch_rt.loaded.model, torch_rt.loaded.family
+    inputs = torch_rt._inputs(prompt)
+    with torch.no_grad():
+        features = family.features_per_layer(model, inputs, [K])[K]
+        out = family.generate(
+            model,
+            family.lm_inputs(model, inputs, features),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tops = [scores[0].topk(2) for scores in out.scores]
+    return [(int(t.indices[0]), int(t.indices[1]), float(t.values[0] - t.values[1])) for t in tops]
+
+
+def _leaves_at_near_tie(answer: list[int], steps: list[tuple[int, int, float]]) -> bool:
+    """The answer follows PyTorch's greedy one until a step where PyTorch's top two logits are a near tie, and takes
+    the runner-up there: from then on both are greedy continuations of an equally likely token."""
+    for token, (best, second, gap) in zip(answer, steps):
+        if token != best:
+            return token == second and gap < NEAR_TIE
+    return False
 
 
 _REFUSED = """
