@@ -29,14 +29,22 @@ class TorchRuntime(Runtime):
         return {key: v.to(self.loaded.model.device) if hasattr(v, "to") else v for key, v in inputs.items()}
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 32) -> list[int]:
+        return until_eos(self.greedy(prompt, max_new_tokens)[0].tolist(), self.eos)
+
+    def greedy(self, prompt: Prompt, max_new_tokens: int, **generate_kwargs):
+        """transformers' greedy generate at the exit layer, as it returns it; `generate_kwargs` go to it (for the
+        per-step scores, say)."""
         model, family, k = self.loaded.model, self.loaded.family, self.exit_layer
         inputs = self._inputs(prompt)
         with torch.no_grad():
             features = family.features_per_layer(model, inputs, [k])[k]
-            out = family.generate(
-                model, family.lm_inputs(model, inputs, features), do_sample=False, max_new_tokens=max_new_tokens
+            return family.generate(
+                model,
+                family.lm_inputs(model, inputs, features),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
             )
-        return until_eos(out[0].tolist(), self.eos)
 
     def timed(self, prompt: Prompt, steps: int) -> dict:
         from transformers import LogitsProcessor, LogitsProcessorList

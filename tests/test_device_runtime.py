@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import full_precision_profile, sample_image
 from PIL import Image
 from transformers import AutoProcessor
@@ -162,18 +161,7 @@ def test_device_runtimes_answer_without_torch_as_before(f32, tmp_path):
 
 def _greedy_steps(torch_rt: TorchRuntime, prompt: Prompt) -> list[tuple[int, int, float]]:
     """PyTorch's greedy answer step by step: the chosen token, the runner-up and their logits' gap."""
-    model, family = torch_rt.loaded.model, torch_rt.loaded.family
-    inputs = torch_rt._inputs(prompt)
-    with torch.no_grad():
-        features = family.features_per_layer(model, inputs, [K])[K]
-        out = family.generate(
-            model,
-            family.lm_inputs(model, inputs, features),
-            do_sample=False,
-            max_new_tokens=MAX_NEW_TOKENS,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
+    out = torch_rt.greedy(prompt, MAX_NEW_TOKENS, output_scores=True, return_dict_in_generate=True)
     tops = [scores[0].topk(2) for scores in out.scores]
     return [(int(t.indices[0]), int(t.indices[1]), float(t.values[0] - t.values[1])) for t in tops]
 
