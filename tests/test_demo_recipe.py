@@ -34,6 +34,8 @@ def test_tower_common_puts_one_vector_in_every_token_from_the_first_layer(tmp_pa
     out = train_demo(tmp_path / "demo", DemoRecipe(**FEW_STEPS, tower_common=30.0, replay=0.25), log=lambda _: None)
     record = json.loads((out / "edgekit_demo.json").read_text())
     assert record["recipe"]["tower_common"] == 30.0 and record["recipe"]["replay"] == 0.25
+    assert record["trained_on"]["cpu"] == torch.backends.cpu.get_cpu_capability()
+    assert record["trained_on"]["torch"] == torch.__version__
     loaded = load(out, dtype="float32")
     tower = loaded.model.model.vision_tower
     common = tower.pre_layrnorm.bias.detach()

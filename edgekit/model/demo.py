@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -289,9 +290,20 @@ def train_demo(
         "tower_accuracy": tower_acc,
         "chat_loss": final_loss,
         "train_seconds": round(time.time() - start, 1),
+        "trained_on": trained_on(),
     }
     (Path(out) / "edgekit_demo.json").write_text(json.dumps(record, indent=2))
     return out
+
+
+def trained_on() -> dict[str, str]:
+    """What decides the weights besides the recipe and the source. Training is bit for bit on one kind of CPU and one
+    set of libraries, not across them: torch's kernels, MKL and oneDNN each pick code by instruction set and return
+    other sums, which thousands of steps make another draw of the model; pillow draws its pictures."""
+    from importlib.metadata import version
+
+    packages = {p: version(p) for p in ("torch", "transformers", "pillow", "numpy")}
+    return {"cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), **packages}
 
 
 def reuse_tower(model, recipe: DemoRecipe, source: Path) -> dict[str, float]:
