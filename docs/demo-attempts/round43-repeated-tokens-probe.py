@@ -38,24 +38,27 @@ def main(path: str, out: str) -> None:
     items = [i for i in builtin_suite().select("eval") if i.kind in KINDS]
     decision = diag.decision_tokens(*diag.own_answers(loaded, items, 64))
     image_id = family.image_token_id(model.config)
-    report = {}
-    for k in (1, 2, 4):
-        for layer in (23, 12):
-            margins = []
-            for batch in diag.batches(items, 64):
-                inputs = chat_inputs(loaded.processor, batch)
-                features = family.features_per_layer(model, inputs, [layer])[layer]
-                features = features.repeat_interleave(k, dim=1).reshape(-1, features.shape[-1])
-                lm = family.lm_inputs(model, repeated(inputs, image_id, tokenizer.pad_token_id, k), features)
+    layers, copies = (23, 12), (1, 2, 4)
+    margins = {(k, layer): [] for k in copies for layer in layers}
+    for batch in diag.batches(items, 64):
+        inputs = chat_inputs(loaded.processor, batch)
+        features = family.features_per_layer(model, inputs, list(layers))  # one tower pass for both layers
+        for k in copies:
+            prompts = repeated(inputs, image_id, tokenizer.pad_token_id, k)
+            for layer in layers:
+                tokens = features[layer].repeat_interleave(k, dim=1).reshape(-1, features[layer].shape[-1])
+                lm = family.lm_inputs(model, prompts, tokens)
                 logits = diag.embeds_tail_logits(model, lm["inputs_embeds"], lm["attention_mask"], decision.prefix, 1)
-                margins.append(diag.refusal_margin(logits[:, -1], decision))
-            margin = torch.cat(margins)
-            report[f"k{k} L{layer}"] = {
-                kind: {"margin": round(v.mean().item(), 2), "refuse_share": round((v > 0).float().mean().item(), 3)}
-                for kind in KINDS
-                for v in [margin[[j for j, item in enumerate(items) if item.kind == kind]]]
-            }
-            print(f"k={k} L{layer}", report[f"k{k} L{layer}"], flush=True)
+                margins[k, layer].append(diag.refusal_margin(logits[:, -1], decision))
+    report = {}
+    for (k, layer), parts in margins.items():
+        margin = torch.cat(parts)
+        report[f"k{k} L{layer}"] = {
+            kind: {"margin": round(v.mean().item(), 2), "refuse_share": round((v > 0).float().mean().item(), 3)}
+            for kind in KINDS
+            for v in [margin[[j for j, item in enumerate(items) if item.kind == kind]]]
+        }
+        print(f"k={k} L{layer}", report[f"k{k} L{layer}"], flush=True)
     json.dump(report, open(out, "w"), indent=1)
 
 
