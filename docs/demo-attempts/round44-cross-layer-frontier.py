@@ -64,13 +64,12 @@ def plot(rows: list[dict], out: Path) -> None:
 def main(out_json: str, out_png: str) -> None:
     rows = points()
     held = [r for r in rows if r["bars_held"]]
+    every = [r for r in held if r["over_refusal"] <= OVER_REFUSAL_MAX]
     summary = {
         "scans": len(rows),
         "asr_and_utility_bars_held": len(held),
-        "every_default_bar_held": sum(r["over_refusal"] <= OVER_REFUSAL_MAX for r in held),
-        "most_words_at_12_with_every_default_bar": max(
-            (r["words_at_12"] for r in held if r["over_refusal"] <= OVER_REFUSAL_MAX), default=None
-        ),
+        "every_default_bar_held": len(every),
+        "most_words_at_12_with_every_default_bar": max((r["words_at_12"] for r in every), default=None),
         "least_over_refusal_with_words_at_12_past_bar": min(
             (r["over_refusal"] for r in held if r["words_at_12"] >= WORDS_MIN), default=None
         ),
