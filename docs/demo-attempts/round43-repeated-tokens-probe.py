@@ -50,13 +50,13 @@ def main(path: str, out: str) -> None:
                 lm = family.lm_inputs(model, prompts, tokens)
                 logits = diag.embeds_tail_logits(model, lm["inputs_embeds"], lm["attention_mask"], decision.prefix, 1)
                 margins[k, layer].append(diag.refusal_margin(logits[:, -1], decision))
-    report = {}
+    report, kinds = {}, [item.kind for item in items]
     for (k, layer), parts in margins.items():
-        margin = torch.cat(parts)
+        split = diag.by_kind(torch.cat(parts), kinds)
         report[f"k{k} L{layer}"] = {
             kind: {"margin": round(v.mean().item(), 2), "refuse_share": round((v > 0).float().mean().item(), 3)}
             for kind in KINDS
-            for v in [margin[[j for j, item in enumerate(items) if item.kind == kind]]]
+            for v in [split[kind]]
         }
         print(f"k={k} L{layer}", report[f"k{k} L{layer}"], flush=True)
     json.dump(report, open(out, "w"), indent=1)
